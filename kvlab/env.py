@@ -1,0 +1,78 @@
+"""Where are we running (Colab, CI, local) and what fits: ``kvlab.setup()``."""
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+
+# Rough memory needs for inference in fp16 (weights only, GiB) and where each model fits.
+MODEL_TIERS = [
+    # (model id, parameters, fp16 GiB, runs on)
+    ("kvlab/world (built-in)", "~3M", 0.01, "any CPU, seconds"),
+    ("gpt2", "124M", 0.25, "CPU (slow tracing), any GPU"),
+    ("gpt2-medium", "355M", 0.7, "CPU (minutes), any GPU"),
+    ("EleutherAI/pythia-410m", "405M", 0.8, "CPU (minutes), any GPU"),
+    ("gpt2-xl", "1.5B", 3.2, "free Colab T4 (16 GB)"),
+    ("EleutherAI/gpt-j-6b", "6B", 12.1, "Colab T4 at the limit; A100 comfortable"),
+    ("meta-llama/Llama-2-7b-hf", "6.7B", 13.5, "A100 (40/80 GB); T4 only for inference"),
+]
+
+
+@dataclass
+class Environment:
+    kind: str              # "colab", "ci" or "local"
+    device: str            # "cuda", "mps" or "cpu"
+    gpu: str | None
+    gpu_mem_gib: float | None
+    cpus: int
+    python: str
+    torch: str
+    transformers: str
+
+    def __str__(self) -> str:
+        gpu = f"{self.gpu} ({self.gpu_mem_gib:.0f} GiB)" if self.gpu else "none"
+        return (f"environment: {self.kind} | device: {self.device} | GPU: {gpu} | CPUs: {self.cpus} | "
+                f"python {self.python}, torch {self.torch}, transformers {self.transformers}")
+
+
+def environment() -> Environment:
+    import transformers
+
+    kind = "colab" if "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ else \
+        "ci" if os.environ.get("CI") else "local"
+    gpu = mem = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        gpu, mem = p.name, p.total_memory / 2**30
+    from .loading import resolve_device
+    return Environment(kind, resolve_device("auto").type, gpu, mem, os.cpu_count() or 1,
+                       platform.python_version(), torch.__version__, transformers.__version__)
+
+
+def seed_everything(seed: int = 0) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def setup(seed: int = 0, quiet: bool = False) -> Environment:
+    """Shared first cell of every notebook: seed, detect the environment, print it.
+
+    Installs nothing: kvlab is already importable when this runs (on Colab the notebook's
+    first cell pip-installs kvlab only if ``import kvlab`` fails).
+    """
+    seed_everything(seed)
+    if torch.get_num_threads() > (os.cpu_count() or 1):
+        torch.set_num_threads(os.cpu_count() or 1)
+    env = environment()
+    if not quiet:
+        print(env)
+    return env

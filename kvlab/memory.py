@@ -1,0 +1,97 @@
+"""The FFN as a key-value memory: coefficients m and the decomposition FF(x) = Σ m_i v_i + b.
+
+For every supported family the coefficient vector m is the input of the value
+projection (see :mod:`kvlab.arch`), so reading m costs one hook and no extra compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .arch import adapter
+from .hooks import capture
+from .text import Batch, encode
+
+
+@dataclass
+class FFNDecomposition:
+    """One layer's FFN on a batch, written as a sum of weighted values.
+
+    ``output == m @ values + bias`` (up to float error): :meth:`reconstruct` computes it.
+    """
+
+    layer: int
+    m: torch.Tensor            # (batch, seq, d_ff) memory coefficients
+    values: torch.Tensor       # (d_ff, d_model) value vectors v_i
+    bias: torch.Tensor         # (d_model,) value-projection bias (zeros if none)
+    output: torch.Tensor       # (batch, seq, d_model) the module's real output
+    ffn_input: torch.Tensor    # (batch, seq, d_model) the FFN's input (after its layer norm)
+    batch: Batch
+
+    def reconstruct(self) -> torch.Tensor:
+        """Σ_i m_i v_i + b, (batch, seq, d_model)."""
+        return self.m @ self.values + self.bias
+
+    def sub_updates(self, b: int, pos: int | None = None) -> torch.Tensor:
+        """The individual sub-updates m_i·v_i at one position, (d_ff, d_model)."""
+        pos = int(self.batch.last[b]) if pos is None else pos
+        return self.m[b, pos, :, None] * self.values
+
+
+def run_with_memories(model, batch: Batch, layers: list[int]) -> dict[str, dict[int, torch.Tensor]]:
+    """One forward pass recording, per layer, the coefficients m, the FFN input and the FFN output."""
+    arch = adapter(model)
+    mods = {}
+    for l in layers:
+        mods[f"m{l}"] = arch.value_module(l)
+    ins = {f"x{l}": arch.mlp(l) for l in layers}
+    with torch.no_grad(), capture(model, mods, "input") as m, capture(model, ins, "input") as xs, \
+            capture(model, {f"o{l}": arch.mlp(l) for l in layers}, "output") as outs:
+        model(**batch.inputs())
+    return {
+        "m": {l: m[f"m{l}"] for l in layers},
+        "x": {l: xs[f"x{l}"] for l in layers},
+        "out": {l: outs[f"o{l}"] for l in layers},
+    }
+
+
+def coefficients(model, tok, prompts: str | list[str], layers: int | list[int] | None = None
+                 ) -> torch.Tensor | dict[int, torch.Tensor]:
+    """Memory coefficients m = f(x·Kᵀ) for the prompts.
+
+    One layer -> (batch, seq, d_ff); a list (or None = all layers) -> {layer: tensor}.
+    Pad positions are zeroed.
+    """
+    arch = adapter(model)
+    single = isinstance(layers, int)
+    ls = [layers] if single else list(range(arch.n_layers)) if layers is None else list(layers)
+    batch = encode(model, tok, prompts)
+    rec = run_with_memories(model, batch, ls)["m"]
+    mask = batch.attention_mask[..., None].to(rec[ls[0]].dtype)  # (batch, seq, 1)
+    out = {l: rec[l] * mask for l in ls}
+    return out[ls[0]] if single else out
+
+
+def decompose(model, tok, prompts: str | list[str], layer: int) -> FFNDecomposition:
+    """Decompose layer ``layer``'s FFN output on the prompts into Σ m_i v_i + b."""
+    arch = adapter(model)
+    batch = encode(model, tok, prompts)
+    rec = run_with_memories(model, batch, [layer])
+    V = arch.value_matrix(layer).detach()
+    b = arch.value_bias(layer)
+    bias = b.detach() if b is not None else torch.zeros(arch.d_model, dtype=V.dtype, device=V.device)
+    return FFNDecomposition(layer, rec["m"][layer], V, bias, rec["out"][layer], rec["x"][layer], batch)
+
+
+def coefficients_from_keys(model, layer: int, ffn_input: torch.Tensor) -> torch.Tensor:
+    """Recompute m = f(x·Kᵀ + b) from an FFN input with the key matrices. (..., d_model) -> (..., d_ff)."""
+    return adapter(model).coefficients_from_input(layer, ffn_input)
+
+
+def sparsity(m: torch.Tensor, mask: torch.Tensor | None = None, threshold: float = 0.0) -> float:
+    """Fraction of memories with coefficient > threshold (positive = 'active' for GELU/ReLU-like f)."""
+    active = (m > threshold).float()  # (batch, seq, d_ff)
+    if mask is not None:
+        return float((active.mean(-1) * mask).sum() / mask.sum())
+    return float(active.mean())

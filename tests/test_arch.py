@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+import kvlab
+from kvlab import memory
+from kvlab.arch import UnsupportedArchitecture, adapter, check_tokenizer
+from kvlab.testing import FAMILIES, tiny
+
+PROMPTS = ["anna berg lives in paris", "the king of france speaks french and"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def loaded(request):
+    return tiny(request.param)
+
+
+def test_adapter_shapes(loaded):
+    model, tok, arch = loaded
+    assert arch.n_layers == 3 and arch.d_model == 32 and arch.d_ff == 64
+    for l in range(arch.n_layers):
+        for K in arch.key_matrices(l):
+            assert K.shape == (arch.d_ff, arch.d_model)
+        assert arch.value_matrix(l).shape == (arch.d_ff, arch.d_model)
+    assert len(arch.key_matrices(0)) == (2 if arch.family.gated else 1)
+    assert arch.unembed.weight.shape[1] == arch.d_model
+    assert arch.final_norm is not None
+
+
+def test_value_matrix_is_a_view(loaded):
+    model, tok, arch = loaded
+    V = arch.value_matrix(1)
+    assert V.data_ptr() == arch.value_module(1).weight.data_ptr()
+    K = arch.key_matrix(1)
+    assert K.data_ptr() == arch.key_modules(1)[0].weight.data_ptr()
+
+
+def test_decomposition_equals_module_output(loaded):
+    model, tok, arch = loaded
+    for l in range(arch.n_layers):
+        d = memory.decompose(model, tok, PROMPTS, l)
+        assert d.m.shape == (2, d.batch.input_ids.shape[1], arch.d_ff)
+        torch.testing.assert_close(d.reconstruct(), d.output, atol=1e-5, rtol=0)
+        # Sum of the sub-updates at one position is the same thing, value by value.
+        su = d.sub_updates(0)
+        torch.testing.assert_close(su.sum(0) + d.bias, d.output[0, d.batch.last[0]], atol=1e-5, rtol=0)
+
+
+def test_coefficients_from_keys_match_hooked(loaded):
+    model, tok, arch = loaded
+    d = memory.decompose(model, tok, PROMPTS, 2)
+    m = memory.coefficients_from_keys(model, 2, d.ffn_input)
+    torch.testing.assert_close(m, d.m, atol=1e-5, rtol=1e-4)
+
+
+def test_coefficients_layers_and_padding(loaded):
+    model, tok, arch = loaded
+    ms = memory.coefficients(model, tok, PROMPTS)
+    assert sorted(ms) == list(range(arch.n_layers))
+    m0 = memory.coefficients(model, tok, PROMPTS, 0)
+    n0 = len(tok(PROMPTS[0])["input_ids"])
+    assert torch.all(m0[0, n0:] == 0)  # pad positions zeroed
+    torch.testing.assert_close(m0, ms[0])
+
+
+def test_names_for_lora(loaded):
+    model, tok, arch = loaded
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    for n in arch.key_names() + arch.value_names() + arch.attention_names():
+        assert n in names
+
+
+def test_unsupported_architecture_names_supported():
+    from transformers import BertConfig, BertForMaskedLM
+    model = BertForMaskedLM(BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                       intermediate_size=32, vocab_size=50))
+    with pytest.raises(UnsupportedArchitecture, match="gpt2.*llama"):
+        adapter(model)
+
+
+def test_tokenizer_mismatch():
+    model, tok, _ = tiny("gpt2")
+    big = tiny("gpt2")[1]
+    big.add_tokens([f"extra{i}" for i in range(500)])
+    with pytest.raises(ValueError, match="mismatch"):
+        check_tokenizer(model, big)
+
+
+def test_layer_out_of_range():
+    _, _, arch = tiny("gpt2")
+    with pytest.raises(IndexError, match="3 layers"):
+        arch.mlp(5)
+
+
+def test_load_failure_is_clear(tmp_path):
+    with pytest.raises(OSError, match="could not load"):
+        kvlab.load(str(tmp_path), device="cpu")  # a folder with no model in it
