@@ -12,3 +12,13 @@ from .arch import Adapter, UnsupportedArchitecture, adapter, SUPPORTED_MODEL_TYP
 from .loading import load, Loaded, DEFAULT_MODEL  # noqa: F401
 from .env import setup, environment  # noqa: F401
 from . import hooks, memory, text  # noqa: F401
+
+_SUBMODULES = {"data", "world", "triggers", "vocab", "lens", "tracing", "neurons", "editing", "lora", "plots",
+               "widgets", "course", "testing", "env", "arch", "loading"}
+
+
+def __getattr__(name):  # lazy submodules: kvlab.tracing, kvlab.data, ... import on first use
+    if name in _SUBMODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

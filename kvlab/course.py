@@ -1,0 +1,221 @@
+"""Run the course: execute every notebook with papermill and write an HTML index.
+
+    python -m kvlab.course run                      # all notebooks, built-in model
+    python -m kvlab.course run --only 05 07         # a subset, by number
+    python -m kvlab.course run --model gpt2-xl --device cuda -p N_FACTS 1000
+    python -m kvlab.course list | check | clear
+
+Executed notebooks, their HTML renderings, ``index.html`` and ``times.json`` go to
+``build/course/``. A failing notebook is reported with the failing cell's number, the
+exception and the first lines of the cell's source; the exit code is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+BUILD = REPO / "build" / "course"
+COLAB = "https://colab.research.google.com/github/kvlab/kvlab/blob/main/notebooks/{name}"
+
+
+@dataclass
+class NotebookRun:
+    name: str
+    seconds: float
+    ok: bool
+    error: str = ""
+    cell: int | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+def notebooks(only: list[str] | None = None, folder: Path = NOTEBOOKS) -> list[Path]:
+    """The course notebooks in order; ``only`` filters by number prefix ("05") or name."""
+    paths = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        wanted = [o.strip() for o in only]
+        paths = [p for p in paths if any(p.name.startswith(w) or p.stem == w for w in wanted)]
+        if not paths:
+            raise SystemExit(f"no notebook matches {only}; available: "
+                             f"{', '.join(p.name for p in notebooks(folder=folder))}")
+    return paths
+
+
+def _coerce(value: str):
+    """Parameter values from the command line: int, float, bool, None, else string."""
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
+
+
+def _failure(exc, nb_path: Path) -> tuple[str, int | None]:
+    """Describe a papermill failure: which cell, which exception, the cell's first lines."""
+    import nbformat
+
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    cell_index = getattr(exc, "cell_index", None)
+    exec_count = getattr(exc, "exec_count", None)
+    source = ""
+    try:  # papermill adds cells (injected parameters, an error banner): find the cell by execution count
+        nb = nbformat.read(nb_path, as_version=4)
+        code = [(i, c) for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+        hit = [(i, c) for i, c in code if exec_count is not None and c.get("execution_count") == exec_count]
+        if hit:
+            cell_index, source = hit[0][0], hit[0][1].source
+        elif cell_index is not None:
+            source = nb.cells[cell_index].source
+    except Exception:  # pragma: no cover - reporting only
+        pass
+    lines = "\n".join("    " + s for s in source.splitlines()[:8])
+    where = f"cell {cell_index}" + (f" (execution count {exec_count})" if exec_count else "")
+    return f"{where}: {ename}: {evalue}\n{lines}", cell_index
+
+
+def run_notebook(path: Path, out_dir: Path, parameters: dict, progress: bool = True) -> NotebookRun:
+    import papermill as pm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / path.name
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(str(path), str(out), parameters=parameters, progress_bar=progress,
+                            cwd=str(path.parent), kernel_name="python3", language="python")
+        ok, error, cell = True, "", None
+    except Exception as exc:  # papermill raises PapermillExecutionError for cell errors
+        ok = False
+        error, cell = _failure(exc, out if out.exists() else path)
+    return NotebookRun(path.name, time.perf_counter() - t0, ok, error, cell, parameters)
+
+
+def to_html(executed: Path) -> Path:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_filename(str(executed))
+    target = executed.with_suffix(".html")
+    target.write_text(body, encoding="utf-8")
+    return target
+
+
+def write_index(runs: list[NotebookRun], out_dir: Path, model: str) -> Path:
+    total = sum(r.seconds for r in runs)
+    rows = []
+    for r in runs:
+        status = "ok" if r.ok else f"FAILED: {html.escape(r.error.splitlines()[0])}"
+        link = Path(r.name).with_suffix(".html").name
+        rows.append(f"<tr><td><a href='{link}'>{html.escape(r.name)}</a></td><td>{r.seconds:.1f}</td>"
+                    f"<td>{status}</td><td><a href='{COLAB.format(name=r.name)}'>Colab</a></td></tr>")
+    page = f"""<!doctype html><html><head><meta charset='utf-8'><title>kvlab course</title>
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}td,th{{padding:4px 12px;text-align:left}}
+tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
+<h1>kvlab: feed-forward layers as key-value memories</h1>
+<p>Executed {time.strftime('%Y-%m-%d %H:%M')} on model <code>{html.escape(model)}</code>;
+total {total:.0f} s ({total / 60:.1f} min).</p>
+<table><tr><th>notebook</th><th>seconds</th><th>status</th><th></th></tr>{''.join(rows)}</table>
+</body></html>"""
+    index = out_dir / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict | None = None,
+        out_dir: Path = BUILD, html_out: bool = True, progress: bool = True) -> list[NotebookRun]:
+    from tqdm.auto import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1" if model == "kvlab/world" else os.environ.get("HF_HUB_OFFLINE", "0"))
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    params = {"MODEL": model, "DEVICE": device, **(extra or {})}
+    runs = []
+    bar = tqdm(notebooks(only), desc="course", unit="notebook", disable=None)  # no bar in logs
+    for path in bar:
+        bar.set_postfix_str(path.name)
+        r = run_notebook(path, out_dir, params, progress=progress)
+        runs.append(r)
+        status = "ok" if r.ok else "FAILED"
+        tqdm.write(f"{status:6s} {r.seconds:7.1f} s  {path.name}")
+        if not r.ok:
+            tqdm.write(f"       {r.error}".replace("\n", "\n       "))
+        if html_out and (out_dir / path.name).exists():
+            to_html(out_dir / path.name)
+    (out_dir / "times.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    write_index(runs, out_dir, model)
+    total = sum(r.seconds for r in runs)
+    print(f"\n{sum(r.ok for r in runs)}/{len(runs)} notebooks ok in {total:.0f} s ({total / 60:.1f} min); "
+          f"index: {out_dir / 'index.html'}")
+    return runs
+
+
+def check(folder: Path = NOTEBOOKS) -> list[str]:
+    """Problems with the committed notebooks: outputs not cleared, no single parameters cell."""
+    import nbformat
+
+    problems = []
+    for p in notebooks(folder=folder):
+        nb = nbformat.read(p, as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        if len(tagged) != 1:
+            problems.append(f"{p.name}: {len(tagged)} cells tagged 'parameters' (need exactly 1)")
+        if any(c.cell_type == "code" and (c.get("outputs") or c.get("execution_count")) for c in nb.cells):
+            problems.append(f"{p.name}: outputs not cleared (run: python -m kvlab.course clear)")
+    return problems
+
+
+def clear(folder: Path = NOTEBOOKS) -> None:
+    import nbformat
+
+    for p in notebooks(folder=folder):
+        nb = nbformat.read(p, as_version=4)
+        for c in nb.cells:
+            if c.cell_type == "code":
+                c.outputs, c.execution_count = [], None
+            c.get("metadata", {}).pop("execution", None)
+            c.get("metadata", {}).pop("papermill", None)
+        nb.metadata.pop("papermill", None)
+        nbformat.write(nb, p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvlab.course", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="execute notebooks with papermill")
+    r.add_argument("--only", nargs="+", help="notebook numbers or names, e.g. 01 05")
+    r.add_argument("--model", default="kvlab/world", help="built-in model (default) or a Hugging Face id / folder")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--out", type=Path, default=BUILD)
+    r.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="extra papermill parameter, e.g. -p N_FACTS 1000")
+    r.add_argument("--no-html", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
+    sub.add_parser("list", help="list the notebooks")
+    sub.add_parser("check", help="verify notebooks are cleared and have one parameters cell")
+    sub.add_parser("clear", help="clear all notebook outputs in place")
+    a = ap.parse_args(argv)
+    if a.cmd == "list":
+        for p in notebooks():
+            print(p.name)
+        return 0
+    if a.cmd == "check":
+        problems = check()
+        print("\n".join(problems) or f"{len(notebooks())} notebooks ok")
+        return 1 if problems else 0
+    if a.cmd == "clear":
+        clear()
+        return 0
+    extra = {k: _coerce(v) for k, v in a.parameter}
+    runs = run(a.only, a.model, a.device, extra, a.out, not a.no_html, not a.quiet)
+    return 0 if all(r.ok for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
