@@ -1,0 +1,148 @@
+"""Command line: ``python -m kvlab.world train|eval|export``.
+
+    python -m kvlab.world train [--seed 0] [--out DIR] [--steps N] [--quick]
+    python -m kvlab.world eval  [--model DIR]
+    python -m kvlab.world export [--model DIR] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import WORLD_DIR, build_world, world_tokenizer
+from .export import counterfact, known_facts, write_json
+from .train import QUICK, TrainConfig, recall, train
+
+
+def evaluate(model, tok, world) -> dict:
+    out = {}
+    for split in ("train", "heldout"):
+        r = recall(model, tok, world.fact_prompts(split))
+        out[split] = {"recall": r["recall"], "n": r["n"], "by_relation": r["by_relation"]}
+    return out
+
+
+def export(model, tok, world, out_dir: Path) -> tuple[int, int]:
+    known = known_facts(world, model, tok)
+    cases = counterfact(world, tok)
+    write_json(known, out_dir / "known_facts.json")
+    write_json(cases, out_dir / "counterfact.json")
+    write_json(world.summary(), out_dir / "world.json")
+    return len(known), len(cases)
+
+
+def model_card(out_dir: Path, cfg: dict, stats: dict, ev: dict, n_params: int, n_known: int, n_cases: int,
+               world) -> str:
+    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file()) / 2**20
+    rel_rows = "\n".join(f"| {rid} | {r.name} | {r.subject_kind} | {len(r.objects)} | "
+                         f"{ev['train']['by_relation'].get(rid, 0):.1%} | {ev['heldout']['by_relation'].get(rid, 0):.1%} |"
+                         for rid, r in world.relations.items())
+    return f"""# kvlab world model
+
+A small GPT-2 (`GPT2LMHeadModel`) trained from scratch on the sentences of a seeded fictional
+world (`kvlab.world.build_world(seed={cfg['seed']})`): {len(world.people)} people with two-word
+names, {len(world.cities)} cities, {len(world.countries)} countries and {len(world.facts)} facts over
+{len(world.relations)} relations, mixed with filler sentences (counting, weather, repetition...).
+Word-level tokenizer (`tokenizer.json`, {world_vocab(out_dir)} tokens, `<|endoftext|>` = bos/eos/pad).
+
+## Measured (greedy next token == object)
+
+| split | prompts | recall |
+|---|---|---|
+| training phrasings | {ev['train']['n']} | {ev['train']['recall']:.1%} |
+| held-out paraphrases (never trained on) | {ev['heldout']['n']} | {ev['heldout']['recall']:.1%} |
+
+| relation | name | subject | objects | train recall | held-out recall |
+|---|---|---|---|---|---|
+{rel_rows}
+
+- training time: {stats['seconds']:.0f} s for {cfg['steps']} steps on {cfg['threads']} CPU threads
+  ({platform.processor() or platform.machine()}; the machine was shared with other jobs),
+  {stats['tokens_per_s']:.0f} tokens/s, {stats['tokens']:,} tokens, final loss {stats['final_loss']:.3f}
+- config: {cfg['n_layer']} layers, d_model {cfg['n_embd']}, {cfg['n_head']} heads, d_ff {cfg['n_inner']},
+  {cfg['n_positions']} positions, tied embeddings, dropout {cfg['dropout']}; {n_params:,} parameters (fp32)
+- optimiser: AdamW lr {cfg['lr']} (warmup {cfg['warmup']}, cosine to {cfg['min_lr']}), weight decay
+  {cfg['weight_decay']}, batch {cfg['batch']} x {cfg['block']} packed tokens, filler fraction {cfg['filler']}
+- files: {size:.1f} MB in `data/world` (model in `model/`, safetensors)
+- exports: `known_facts.json` ({n_known} facts the model gets right, known_1000 schema),
+  `counterfact.json` ({n_cases} editing cases, CounterFact schema), `world.json` (summary)
+
+Held-out phrasings are new compositions of familiar parts (an adverb or a sentence frame seen
+with other relations); see `world.json` for every template.
+
+## Reproduce
+
+    python -m kvlab.world train --seed {cfg['seed']}     # trains, evaluates, exports, rewrites this card
+    python -m kvlab.world eval
+
+Training is seeded; on CPU results are deterministic up to thread scheduling.
+Full config: `{json.dumps(cfg)}`
+"""
+
+
+def write_card(model, tok, world, out: Path, model_dir: Path, ev: dict) -> None:
+    """Write the exports, then the model card (training numbers from model/train_stats.json)."""
+    n_known, n_cases = export(model, tok, world, out)
+    print(f"known facts: {n_known}, counterfact cases: {n_cases}")
+    stats = json.loads((model_dir / "train_stats.json").read_text())
+    n_params = sum(p.numel() for p in model.parameters())
+    for _ in range(2):                                  # twice: the card's own size is counted
+        (out / "README.md").write_text(model_card(out, stats["config"], stats, ev, n_params, n_known,
+                                                  n_cases, world))
+
+
+def world_vocab(out_dir: Path) -> int:
+    try:
+        return len(json.loads((out_dir / "model" / "tokenizer.json").read_text())["model"]["vocab"])
+    except Exception:
+        return -1
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m kvlab.world")
+    ap.add_argument("cmd", choices=["train", "eval", "export"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: data/world)")
+    ap.add_argument("--model", type=Path, default=None, help="model folder (default: OUT/model)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
+    a = ap.parse_args(argv)
+    out = a.out or WORLD_DIR
+    model_dir = a.model or out / "model"
+    world = build_world(a.seed)
+    if a.cmd == "train":
+        cfg = TrainConfig(seed=a.seed, **(QUICK if a.quick else {}))
+        if a.steps:
+            cfg.steps = a.steps
+        tok = world_tokenizer()
+        model, stats = train(world, tok, cfg)
+        print(f"trained {cfg.steps} steps in {stats['seconds']:.0f} s, {stats['tokens_per_s']:.0f} tokens/s")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(model_dir, safe_serialization=True)
+        tok.save_pretrained(model_dir)
+        ev = evaluate(model, tok, world)
+        small = {k: v for k, v in stats.items() if k != "losses"} | {"final_loss": stats["losses"][-1]}
+        (model_dir / "train_stats.json").write_text(json.dumps(small, indent=1))
+        write_card(model, tok, world, out, model_dir, ev)
+        print(json.dumps(ev, indent=1))
+        return
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if a.cmd == "eval":
+        t = time.time()
+        print(json.dumps(evaluate(model, tok, world), indent=1))
+        print(f"({time.time() - t:.1f} s)")
+    else:
+        write_card(model, tok, world, out, model_dir, evaluate(model, tok, world))
+
+
+if __name__ == "__main__":
+    main()

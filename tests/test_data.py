@@ -1,0 +1,72 @@
+"""Loaders for ROME-format files: good records load, malformed ones fail with a clear message."""
+import copy
+import json
+
+import pytest
+
+from kvlab.data import EditCase, KnownFact, load_counterfact, load_known
+
+KNOWN = {"known_id": 0, "subject": "Vinson Massif", "attribute": "Antarctica",
+         "template": "{} is located in the continent of", "prediction": " Antarctica",
+         "prompt": "Vinson Massif is located in the continent of", "relation_id": "P30"}
+CASE = {"case_id": 0, "pararel_idx": 2796,
+        "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                              "target_new": {"str": "English", "id": 3594},
+                              "target_true": {"str": "French", "id": 4141}, "subject": "Danielle Darrieux"},
+        "paraphrase_prompts": ["Shayna does this and Yossel goes still and dies. Danielle Darrieux, a native"],
+        "neighborhood_prompts": ["The mother tongue of L\u00e9on Blum is"],
+        "attribute_prompts": ["J. R. R. Tolkien is a native speaker of"],
+        "generation_prompts": ["Danielle Darrieux's mother tongue is"]}
+
+
+def write(tmp_path, rows):
+    p = tmp_path / "f.json"
+    p.write_text(json.dumps(rows))
+    return p
+
+
+def test_known_good(tmp_path):
+    (k,) = load_known(write(tmp_path, [KNOWN]))
+    assert isinstance(k, KnownFact) and k.subject == "Vinson Massif" and k.template.format(k.subject) == k.prompt
+
+
+def test_counterfact_good(tmp_path):
+    (c,) = load_counterfact(write(tmp_path, [CASE]))
+    assert isinstance(c, EditCase) and c.target_new.id == 3594 and c.target_true.str == "French"
+    assert c.rewrite_prompt == "The mother tongue of Danielle Darrieux is"
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda r: r.pop("subject"), "missing key 'subject'"),
+    (lambda r: r.update(template="is located in"), "'template' has no '{}'"),
+    (lambda r: r.update(attribute=""), "'attribute' is empty"),
+    (lambda r: r.update(known_id="7"), "'known_id' has wrong type"),
+])
+def test_known_bad(tmp_path, mutate, msg):
+    bad = copy.deepcopy(KNOWN)
+    mutate(bad)
+    with pytest.raises(ValueError, match="record 1") as e:
+        load_known(write(tmp_path, [KNOWN, bad]))
+    assert msg in str(e.value)
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda r: r.pop("paraphrase_prompts"), "missing key 'paraphrase_prompts'"),
+    (lambda r: r["requested_rewrite"].update(prompt="The mother tongue of X is"), "'prompt' has no '{}'"),
+    (lambda r: r["requested_rewrite"]["target_new"].update(str=""), "'str' is empty"),
+    (lambda r: r["requested_rewrite"]["target_true"].update(id="4141"), "'id' has wrong type"),
+    (lambda r: r["requested_rewrite"].pop("target_new"), "missing key 'target_new'"),
+    (lambda r: r.update(neighborhood_prompts="x"), "'neighborhood_prompts' has wrong type"),
+])
+def test_counterfact_bad(tmp_path, mutate, msg):
+    bad = copy.deepcopy(CASE)
+    bad["case_id"] = 42
+    mutate(bad)
+    with pytest.raises(ValueError, match="case_id=42") as e:
+        load_counterfact(write(tmp_path, [CASE, bad]))
+    assert msg in str(e.value)
+
+
+def test_not_a_list(tmp_path):
+    with pytest.raises(ValueError, match="list"):
+        load_known(write(tmp_path, {"a": 1}))

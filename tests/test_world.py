@@ -1,0 +1,91 @@
+"""The built-in world: generator, tokenizer, shipped model, a tiny training run."""
+import random
+
+import pytest
+import torch
+
+from kvlab.world import MODEL_DIR, build_world, world_tokenizer
+from kvlab.world.train import QUICK, TrainConfig, recall, train
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return world_tokenizer()
+
+
+def test_deterministic(world):
+    again = build_world(0)
+    assert again.facts == world.facts and again.people == world.people
+    assert build_world(1).facts != world.facts
+    assert [s.text for s in world.corpus(n=50, seed=3)] == [s.text for s in again.corpus(n=50, seed=3)]
+
+
+def test_world_shape(world):
+    assert len(world.people) >= 200 and all(len(p.split()) == 2 for p in world.people)
+    assert len(world.relations) >= 6
+    for rel in world.relations.values():
+        assert rel.train and rel.heldout and not set(rel.train) & set(rel.heldout)
+        assert all("{}" in t for t in rel.train + rel.heldout)
+        assert all(" " not in o for o in rel.objects)
+    f = world.facts[0]
+    assert world.object_of(f.subject, f.relation_id) == f.object
+    prompt, subj, rid, obj = world.fact_prompts("heldout")[0]
+    assert subj in prompt and obj == world.object_of(subj, rid)
+
+
+def test_heldout_never_in_corpus(world):
+    heldout = {(t.split("{}")[0], t.split("{}")[1]) for r in world.relations.values() for t in r.heldout}
+    kinds = set()
+    for s in world.corpus(n=5000, seed=0):
+        kinds.add(s.kind)
+        if s.kind == "fact":
+            assert s.template in world.relations[s.relation_id].train
+            pre, post = s.text.split(s.subject, 1)
+            assert (pre, post.rsplit(" ", 1)[0]) not in heldout
+    assert kinds == {"fact", "filler"}
+
+
+def test_tokenizer_roundtrip_and_offsets(world, tok):
+    for s in world.corpus(n=500, seed=1):
+        ids = tok(s.text)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == s.text
+    for p, *_ in world.fact_prompts("heldout")[:200]:
+        assert tok.decode(tok(p)["input_ids"]) == p and tok.unk_token_id not in tok(p)["input_ids"]
+    enc = tok("Anna Berg lives in Kelmor.", return_offsets_mapping=True)
+    assert tok.convert_ids_to_tokens(enc["input_ids"]) == ["▁Anna", "▁Berg", "▁lives", "▁in", "▁Kelmor", "."]
+    assert [o[1] for o in enc["offset_mapping"]] == [4, 9, 15, 18, 25, 26]
+    assert tok(" Kelmor")["input_ids"] == tok("Kelmor")["input_ids"]
+    assert tok.eos_token == tok.bos_token == tok.pad_token == "<|endoftext|>"
+
+
+def test_quick_training_loss_decreases(world, tok):
+    cfg = TrainConfig(**QUICK)
+    model, stats = train(world, tok, cfg, progress=False, log_every=0)
+    losses = stats["losses"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert stats["tokens_per_s"] > 0
+
+
+@pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").exists(), reason="model not trained yet")
+def test_shipped_model_recall(world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR).eval()
+    assert model.config.model_type == "gpt2" and tok.eos_token_id is not None
+    rng = random.Random(0)
+    r_train = recall(model, tok, rng.sample(world.fact_prompts("train"), 200))["recall"]
+    r_held = recall(model, tok, rng.sample(world.fact_prompts("heldout"), 200))["recall"]
+    assert r_train >= 0.95, r_train
+    assert r_held >= 0.6, r_held
+
+
+def test_shipped_size():
+    from kvlab.world import WORLD_DIR
+    size = sum(p.stat().st_size for p in WORLD_DIR.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20
