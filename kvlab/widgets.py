@@ -14,3 +14,210 @@ def interactive_output(fn, **controls) -> W.Widget:
     """Controls in a row above the output of ``fn(**values)``; re-run on every change."""
     out = W.interactive_output(fn, controls)
     return W.VBox([W.HBox(list(controls.values())), out])
+
+
+def explore_lora(train_fn, roles, ranks, cache: dict | None = None) -> W.Widget:
+    """Pick a LoRA role and rank -> held-out accuracy per epoch and training loss per step.
+
+    ``train_fn(role, rank)`` returns a :class:`kvlab.lora_train.History` (trained on demand);
+    ``cache`` maps ``(role, rank)`` to histories already computed, so the default view (and a
+    papermill run) trains nothing new. Other cached runs at the same rank are drawn dashed.
+    """
+    import matplotlib.pyplot as plt
+    from . import plots
+
+    cache = {} if cache is None else cache
+    role_w = W.Dropdown(options=list(roles), description="role")
+    rank_w = W.Dropdown(options=list(ranks), description="rank")
+
+    def show(role, rank):
+        if (role, rank) not in cache:
+            cache[(role, rank)] = train_fn(role, rank)
+        h = cache[(role, rank)]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.4))
+        others = {f"{r} (r={k})": c.eval_acc for (r, k), c in cache.items() if k == rank and r != role}
+        plots.lines({f"{role} (r={rank})": h.eval_acc}, ax=a1, title="held-out accuracy",
+                    xlabel="epoch", ylabel="exact match")
+        for name, acc in others.items():
+            a1.plot(range(len(acc)), acc, ls="--", alpha=0.6, label=name)
+        a1.legend(fontsize=8)
+        plots.lines({"loss": h.step_loss}, ax=a2, marker="", xlabel="step", ylabel="answer NLL",
+                    title=f"{h.trainable:,} trainable parameters, {h.seconds:.1f} s")
+        plt.show()
+
+    return interactive_output(show, role=role_w, rank=rank_w)
+
+
+def explore_memories(model, tok, index, n: int = 8, top: int = 8) -> W.Widget:
+    """Pick a mined layer and a key: its top trigger prefixes and the tokens its value promotes.
+
+    ``index`` is a :class:`kvlab.triggers.TriggerIndex`; the value is read through final norm +
+    unembedding (:func:`kvlab.vocab.value_tokens`).
+    """
+    import matplotlib.pyplot as plt
+    from IPython.display import display, Markdown
+
+    from . import plots
+    from .vocab import value_tokens
+
+    layer_w = W.Dropdown(options=list(index.layers), value=index.layers[-1], description="layer")
+    key_w = W.BoundedIntText(value=0, min=0, max=index.values[index.layers[0]].shape[0] - 1, description="key")
+
+    def show(layer, key):
+        vt = value_tokens(model, tok, layer, [key], top)
+        nxt = index.next_token(layer, key, 0)
+        display(Markdown(f"**value v_{key} promotes:** " + ", ".join(f"`{t}`" for t in vt.tokens[0])
+                         + f"  \n**token after the top trigger:** `{tok.decode([nxt]) if nxt is not None else '—'}`"))
+        plots.trigger_bars(index, layer, key, n)
+        plt.show()
+
+    return interactive_output(show, layer=layer_w, key=key_w)
+
+
+def explore_lens(model, tok, prompt: str) -> W.Widget:
+    """Type a prompt: per layer, the top token of the residual before the FFN, the FFN output, and after."""
+    from IPython.display import display, Markdown
+
+    from . import plots
+    from .lens import residual_stream
+    from .vocab import decode_ids, top_ids
+
+    text_w = W.Text(value=prompt, description="prompt", layout=W.Layout(width="60%"))
+
+    def show(prompt):
+        if not prompt.strip():
+            return
+        rs = residual_stream(model, tok, [prompt])
+        rows = []
+        for l in sorted(rs["block"]):
+            b, f = rs["block"][l], rs["ffn"][l]
+            tb, tf, ta = (decode_ids(tok, top_ids(model, x)[1][:, 0])[0] for x in (b - f, f, b))
+            verdict = "keep" if ta == tb else "override" if ta == tf else "compose"
+            rows.append({"layer": l, "residual before FFN": repr(tb), "FFN output": repr(tf),
+                         "residual after FFN": repr(ta), "FFN effect": verdict})
+        final = tok.decode([int(rs["final"][0])])
+        display(Markdown(plots.table(rows) + f"\n\nmodel's prediction: `{final}`"))
+
+    return interactive_output(show, prompt=text_w)
+
+
+def explore_editing(model, tok, editors: dict, prompt: str = "{} lives in", subject: str = "",
+                    target: str = "", probes: str = "", k: int = 5) -> W.Widget:
+    """Type a subject and a new target, pick an editor, press *edit*: top-k predictions before/after.
+
+    ``editors`` maps a name to ``fn(model, tok, EditRequest) -> WeightEdit`` (e.g.
+    ``{"ROME": apply_rome, "FT-keys": ft_keys}``). ``probes``: extra prompts with "{}" for the
+    subject (paraphrases, other relations), separated by "|". Every edit is undone afterwards.
+    """
+    import torch
+    from .editing import EditRequest, same_weights, snapshot
+    from .text import encode
+
+    def topk(prompts):
+        with torch.no_grad():
+            b = encode(model, tok, prompts)
+            p = model(**b.inputs()).logits[torch.arange(len(b)), b.last].softmax(-1)  # (n, vocab)
+        top = p.topk(k)
+        return [", ".join(f"{tok.decode([int(i)]).strip()} {float(v):.2f}" for v, i in zip(vs, ix))
+                for vs, ix in zip(top.values, top.indices)]
+
+    w_prompt = W.Text(value=prompt, description="prompt")
+    w_subject = W.Text(value=subject, description="subject")
+    w_target = W.Text(value=target, description="new target")
+    w_probes = W.Text(value=probes, description="probes")
+    w_method = W.Dropdown(options=list(editors), description="method")
+    button = W.Button(description="edit", button_style="primary")
+    out = W.Output()
+
+    def run(_=None):
+        out.clear_output()
+        with out:
+            try:
+                req = EditRequest(w_prompt.value, w_subject.value.strip(), w_target.value.strip())
+                prompts = [req.text] + [p.strip().replace("{}", req.subject) for p in w_probes.value.split("|")
+                                        if p.strip()]
+                before = topk(prompts)
+                saved = snapshot(model)
+                with editors[w_method.value](model, tok, req) as edit:
+                    after = topk(prompts)
+                print(f"{edit}")
+                for p, b, a in zip(prompts, before, after):
+                    print(f"{p!r}\n   before: {b}\n   after:  {a}")
+                print("weights restored after undo:", same_weights(model, saved))
+            except ValueError as e:
+                print("ValueError:", e)
+
+    button.on_click(run)
+    if subject and target:
+        run()
+    return W.VBox([W.HBox([w_prompt, w_subject]), W.HBox([w_target, w_method]), w_probes, button, out])
+
+
+def explore_tracing(model, tok, facts, noise: float, samples: int = 10, window: int = 10) -> W.Widget:
+    """Pick a fact and a kind -> its causal-tracing heatmap (each fact traced once, then cached).
+
+    ``facts``: known facts (``kvlab.data.KnownFact`` or (prompt, subject) pairs).
+    """
+    import matplotlib.pyplot as plt
+    from . import plots, tracing
+
+    pairs = [(f.prompt, f.subject) if hasattr(f, "prompt") else (f[0], f[1]) for f in facts]
+    if not pairs:
+        raise ValueError("explore_tracing: no facts given")
+    cache: dict = {}
+    w_fact = W.Dropdown(options=[(p, i) for i, (p, _) in enumerate(pairs)], value=0, description="fact")
+    w_kind = W.ToggleButtons(options=list(tracing.KINDS), value="hidden", description="kind")
+
+    def show(fact, kind):
+        if fact not in cache:
+            prompt, subject = pairs[fact]
+            cache[fact] = tracing.trace_all_kinds(model, tok, prompt, subject, noise=noise, samples=samples,
+                                                  window=window)
+        plots.causal_trace(cache[fact][kind])
+        plt.show()
+
+    return interactive_output(show, fact=w_fact, kind=w_kind)
+
+
+def explore_neurons(model, tok, facts: dict, cache: dict | None = None, steps: int = 20, t: float = 0.2,
+                    p: float = 0.7) -> W.Widget:
+    """Pick a fact -> its mean attribution heatmap over its prompts, and its knowledge neurons.
+
+    ``facts`` maps a label to ``(prompts, answer)``; ``cache`` maps labels to
+    :class:`kvlab.neurons.KnowledgeNeurons` already found (the notebook's loop), so the
+    default view computes nothing new. The table shows, per neuron, how many prompts had it
+    in their coarse set and the relative change of p(answer) when it alone is suppressed.
+    """
+    import matplotlib.pyplot as plt
+    import torch
+    from IPython.display import Markdown, display
+
+    from . import neurons as N
+    from . import plots
+
+    if not facts:
+        raise ValueError("explore_neurons: no facts given")
+    cache = {} if cache is None else cache
+    w_fact = W.Dropdown(options=list(facts), description="fact", layout=W.Layout(width="60%"))
+
+    def show(fact):
+        prompts, answer = facts[fact]
+        if fact not in cache:
+            cache[fact] = N.find_knowledge_neurons(model, tok, prompts, answer, t=t, p=p, steps=steps)
+        kn = cache[fact]
+        mean = torch.stack([a.scores for a in kn.attributions]).mean(0)        # (n_layers, d_ff)
+        plots.neuron_heatmap(mean, kn.neurons, title=f"{fact} → {answer}: mean attribution over "
+                                                     f"{len(prompts)} prompts (circles: knowledge neurons)")
+        plt.show()
+        rows = []
+        for x in kn.neurons:
+            eff = N.intervention_effect(model, tok, [x], prompts, answer, 0.0).mean()
+            rows.append({"layer": x[0], "neuron": x[1], "mean attribution": f"{float(mean[x]):.4f}",
+                         "prompts sharing it": f"{kn.counts[x]}/{len(prompts)}",
+                         "p(answer) when suppressed alone": f"{float(eff):+.1%}"})
+        ps = N.answer_prob(model, tok, prompts, answer)
+        display(Markdown(f"refined with p = {kn.p:.2f}; coarse sets per prompt: "
+                         f"{[len(c) for c in kn.coarse]}; p(answer) per prompt: "
+                         + ", ".join(f"{float(v):.2f}" for v in ps) + "\n\n" + plots.table(rows)))
+
+    return interactive_output(show, fact=w_fact)

@@ -7,4 +7,5 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: on a busy 2-core machine two threads per process thrash (measured 10-30x slower).
+torch.set_num_threads(1)

@@ -74,7 +74,10 @@ Word-level tokenizer (`tokenizer.json`, {world_vocab(out_dir)} tokens, `<|endoft
   `counterfact.json` ({n_cases} editing cases, CounterFact schema), `world.json` (summary)
 
 Held-out phrasings are new compositions of familiar parts (an adverb or a sentence frame seen
-with other relations); see `world.json` for every template.
+with other relations); see `world.json` for every template. Recall is not uniform: phrasings
+built only from parts trained with the same object type transfer well, while a held-out word
+frame never seen with that subject type (e.g. "the profession of {} is", the city -> country
+held-outs) can fail completely; check the per-relation table above.
 
 ## Reproduce
 

@@ -1,0 +1,480 @@
+"""Knowledge neurons (Dai et al. 2022): integrated-gradient attribution of FFN memory coefficients.
+
+A "neuron" is one FFN intermediate unit ``(layer, i)``: its activation is the memory
+coefficient m_i, the *input* of the value projection (``arch.value_module(layer)``), so
+the same code covers GPT-2, GPT-J, GPT-Neo, GPT-NeoX and gated (Llama-style) FFNs, where
+m_i = silu(gate_i·x)·(up_i·x).
+
+Attribution of neuron i in layer l for a prompt and an answer, with m̄ the neuron
+activations of layer l at the last prompt position:
+
+    Attr_i = m̄_i · ∫₀¹ ∂p(α·m̄) / ∂m_i dα  ≈  m̄_i · (1/S) Σ_k ∂p(α_k·m̄) / ∂m_i,   α_k = (k − ½)/S
+
+(the midpoint Riemann sum with S = ``steps`` points, Dai et al. use S = 20). The whole
+vector of layer l is scaled at once, other layers run normally. By the fundamental
+theorem of calculus the attributions of a layer sum to p(m̄) − p(0) (*completeness*);
+the midpoint rule's error shrinks like 1/S².
+
+p(answer) is the *joint* probability of the answer's tokens under teacher forcing
+(product of the per-token probabilities; one token for the built-in world). The
+attribution scales m at the last prompt position only, the position that predicts the
+first answer token; the answer's later tokens see its effect through attention.
+``suppress``/``amplify`` act at every position unless ``positions`` is given;
+:func:`intervention_effect` uses the last prompt position by default (as Dai et al.
+intervene at BERT's [MASK] position).
+
+Batching: the S scaled copies are rows of one batch, so one forward + backward pass
+attributes a whole group of layers (``batch_size`` rows per pass; ``batch_size=1``
+is the one-step-at-a-time reference used by ``benchmarks/bench_neurons.py``).
+
+    attr = attribute(model, tok, "Anna Berg lives in", "Kelmor")      # Attribution
+    kns = knowledge_neurons(model, tok, prompts, "Kelmor")            # [(layer, i), ...]
+    with suppress(model, kns):                                         # m_i ← 0 at every position
+        answer_prob(model, tok, "Anna Berg lives in", "Kelmor")
+    intervention_effect(model, tok, kns, prompts, "Kelmor", factor=2.0)  # amplify at the last prompt position
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .arch import adapter, model_device
+from .hooks import capture, patch
+from .text import encode, ensure_pad, token_ids
+
+Neuron = tuple[int, int]  # (layer, index in d_ff)
+
+
+# ---------------------------------------------------------------------------------------------
+# p(answer) with teacher forcing
+
+
+@dataclass
+class AnswerBatch:
+    """Prompts followed by their answers (all but the last answer token), right-padded.
+
+    Row b reads the probability of answer token j at position ``prompt_last[b] + j``.
+    """
+
+    input_ids: torch.Tensor       # (batch, seq)
+    attention_mask: torch.Tensor  # (batch, seq)
+    prompt_last: torch.Tensor     # (batch,) index of the last prompt token
+    answer_ids: list[list[int]]   # per row, the answer's token ids
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+
+def _as_lists(prompts, answers) -> tuple[list[str], list[str], bool]:
+    single = isinstance(prompts, str)
+    prompts = [prompts] if single else list(prompts)
+    answers = [answers] * len(prompts) if isinstance(answers, str) else list(answers)
+    if len(answers) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
+    return prompts, answers, single
+
+
+def answer_batch(model, tok, prompts: str | Sequence[str], answers: str | Sequence[str]) -> AnswerBatch:
+    """Tokenise ``prompt + answer[:-1]`` per row for teacher-forced answer probabilities."""
+    prompts, answers, _ = _as_lists(prompts, answers)
+    enc = encode(model, tok, prompts)
+    ans = [token_ids(tok, a) for a in answers]
+    rows = [enc.input_ids[b, : int(enc.last[b]) + 1].tolist() + a[:-1] for b, a in enumerate(ans)]
+    seq = max(len(r) for r in rows)
+    ensure_pad(tok)
+    ids = torch.full((len(rows), seq), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), seq), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1
+    dev = model_device(model)
+    return AnswerBatch(ids.to(dev), mask.to(dev), enc.last.clone(), ans)
+
+
+def answer_logprob(logits: torch.Tensor, batch: AnswerBatch, reduce: str = "sum") -> torch.Tensor:
+    """Log-probability of each row's answer from the logits (batch, seq, vocab) -> (batch,).
+
+    ``reduce="sum"``: log of the joint probability (product over tokens);
+    ``"mean"``: mean per-token log-probability (ROME's convention for CounterFact).
+    """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (batch, seq, vocab)
+    out = []
+    for b, ans in enumerate(batch.answer_ids):
+        pos = int(batch.prompt_last[b]) + torch.arange(len(ans), device=logits.device)
+        lp = logp[b, pos, torch.tensor(ans, device=logits.device)]  # (n_answer_tokens,)
+        out.append(lp.sum() if reduce == "sum" else lp.mean())
+    return torch.stack(out)
+
+
+def answer_prob(model, tok, prompts: str | Sequence[str], answers: str | Sequence[str],
+                reduce: str = "prod") -> float | torch.Tensor:
+    """p(answer | prompt) by teacher forcing: a float for one prompt, else a (n_prompts,) tensor.
+
+    ``answers`` is one answer for every prompt or one per prompt. ``reduce="prod"`` gives
+    the joint probability of the answer's tokens (the quantity :func:`attribute` explains),
+    ``"mean"`` the geometric mean exp(mean log p) of the per-token probabilities.
+    """
+    if reduce not in ("prod", "mean"):
+        raise ValueError(f"reduce must be 'prod' or 'mean', got {reduce!r}")
+    prompts, answers, single = _as_lists(prompts, answers)
+    batch = answer_batch(model, tok, prompts, answers)
+    with torch.no_grad():
+        logits = model(**batch.inputs()).logits
+    p = answer_logprob(logits, batch, "sum" if reduce == "prod" else "mean").exp().cpu()
+    return float(p[0]) if single else p
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrated gradients
+
+
+@dataclass
+class Attribution:
+    """Integrated-gradient attribution of every FFN neuron for one prompt and answer.
+
+    ``scores[l, i]`` is neuron i of layer l's attribution (zeros for layers not in
+    ``layers``). Completeness: ``scores[l].sum() ≈ p_full - p_baseline[l]``.
+    """
+
+    prompt: str
+    answer: str
+    layers: list[int]
+    scores: torch.Tensor        # (n_layers, d_ff) attributions
+    activations: torch.Tensor   # (n_layers, d_ff) m at the last prompt position
+    p_full: float               # p(answer) with the real activations
+    p_baseline: torch.Tensor    # (n_layers,) p(answer) with layer l's m zeroed at that position (nan: not run)
+    steps: int
+    position: int               # index of the last prompt token (where m is scaled)
+
+    def completeness_error(self) -> torch.Tensor:
+        """(len(layers),) Σ_i Attr_{l,i} − (p_full − p_baseline[l]) per attributed layer."""
+        ls = torch.tensor(self.layers)
+        return self.scores[ls].sum(-1) - (self.p_full - self.p_baseline[ls])
+
+    def top(self, k: int = 10) -> list[tuple[Neuron, float]]:
+        """The k neurons with the largest attribution, best first."""
+        flat = self.scores.flatten()
+        vals, idx = flat.topk(min(k, flat.numel()))
+        d_ff = self.scores.shape[1]
+        return [((int(i) // d_ff, int(i) % d_ff), float(v)) for v, i in zip(vals, idx)]
+
+
+def _layers(arch, layers) -> list[int]:
+    if layers is None:
+        return list(range(arch.n_layers))
+    if isinstance(layers, int):
+        layers = [layers]
+    out = sorted({arch._check_layer(int(l)) for l in layers})
+    if not out:
+        raise ValueError("layers is empty")
+    return out
+
+
+def _clean_run(model, batch: AnswerBatch, arch) -> tuple[torch.Tensor, float]:
+    """Activations m at the last prompt position of every layer, (n_layers, d_ff), and p(answer)."""
+    mods = {l: arch.value_module(l) for l in range(arch.n_layers)}
+    with torch.no_grad(), capture(model, mods, what="input") as store:
+        logits = model(**batch.inputs()).logits
+    pos = int(batch.prompt_last[0])
+    m = torch.stack([store[l][0, pos] for l in range(arch.n_layers)])  # (n_layers, d_ff)
+    return m, float(answer_logprob(logits, batch).exp()[0])
+
+
+def _zero_layer_probs(model, batch: AnswerBatch, arch, layers: list[int]) -> torch.Tensor:
+    """p(answer) with m of one layer zeroed at the last prompt position, for each layer: (n_layers,)."""
+    R, pos = len(layers), int(batch.prompt_last[0])
+    rep = AnswerBatch(batch.input_ids.expand(R, -1), batch.attention_mask.expand(R, -1),
+                      batch.prompt_last.expand(R), batch.answer_ids * R)
+
+    def zero_row(r):
+        def fn(m):  # (R, seq, d_ff)
+            m = m.clone()
+            m[r, pos] = 0
+            return m
+        return fn
+
+    with torch.no_grad(), patch({arch.value_module(l): zero_row(r) for r, l in enumerate(layers)}, what="input"):
+        p = answer_logprob(model(**rep.inputs()).logits, rep).exp().cpu()
+    out = torch.full((arch.n_layers,), float("nan"))
+    out[torch.tensor(layers)] = p
+    return out
+
+
+def attribute(model, tok, prompt: str, answer: str, layers: int | Sequence[int] | None = None, steps: int = 20,
+              batch_size: int = 128) -> Attribution:
+    """Integrated gradients of p(answer | prompt) w.r.t. the FFN coefficients at the last prompt position.
+
+    ``layers``: which layers to attribute (default all). ``steps``: Riemann points S per
+    layer (Dai et al.: 20). ``batch_size``: rows per forward/backward pass; the
+    (layer, α) pairs are packed into passes of that many rows (``steps`` rows = one layer
+    per pass, ``1`` = one step at a time). Returns an :class:`Attribution`.
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"attribute: prompt must be a non-empty string, got {prompt!r}")
+    if steps < 1:
+        raise ValueError(f"attribute: steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise ValueError(f"attribute: batch_size must be >= 1, got {batch_size}")
+    arch = adapter(model)
+    ls = _layers(arch, layers)
+    batch = answer_batch(model, tok, prompt, answer)          # one row
+    pos = int(batch.prompt_last[0])
+    m_clean, p_full = _clean_run(model, batch, arch)           # (n_layers, d_ff)
+    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # midpoint rule
+    jobs = [(l, a) for l in ls for a in alphas.tolist()]
+    grad_sum = torch.zeros_like(m_clean, dtype=torch.float32)  # (n_layers, d_ff) Σ_k ∂p/∂m at α_k m̄
+
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        R = len(chunk)
+        rep = AnswerBatch(batch.input_ids.expand(R, -1), batch.attention_mask.expand(R, -1),
+                          batch.prompt_last.expand(R), batch.answer_ids * R)
+        rows: dict[int, list[int]] = {}
+        for r, (l, _) in enumerate(chunk):
+            rows.setdefault(l, []).append(r)
+        leaves = {}                                            # layer -> (rows_l, d_ff) scaled copies α·m̄
+        for l, rs in rows.items():
+            a = torch.tensor([chunk[r][1] for r in rs], dtype=m_clean.dtype, device=m_clean.device)
+            leaves[l] = (a[:, None] * m_clean[l][None, :]).requires_grad_(True)
+
+        def put(l):
+            idx = torch.tensor(rows[l], device=m_clean.device)
+
+            def fn(m):  # (R, seq, d_ff): rows of this layer get their scaled copy at the last prompt position
+                m = m.clone()
+                m[idx, pos] = leaves[l].to(m.dtype)
+                return m
+            return fn
+
+        with torch.enable_grad(), patch({arch.value_module(l): put(l) for l in rows}, what="input"):
+            p = answer_logprob(model(**rep.inputs()).logits, rep).exp()   # (R,)
+            grads = torch.autograd.grad(p.sum(), [leaves[l] for l in rows])
+        for l, g in zip(rows, grads):
+            grad_sum[l] += g.float().sum(0)
+
+    scores = m_clean.float() * grad_sum / steps                # (n_layers, d_ff)
+    return Attribution(prompt, answer, ls, scores.cpu(), m_clean.float().cpu(), p_full,
+                       _zero_layer_probs(model, batch, arch, ls), steps, pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selecting knowledge neurons
+
+
+def coarse_neurons(attr: Attribution | torch.Tensor, t: float = 0.2) -> list[Neuron]:
+    """Neurons whose attribution exceeds ``t`` × the largest attribution (Dai et al.: t = 0.2), best first."""
+    if not 0 < t <= 1:
+        raise ValueError(f"coarse_neurons: t must be in (0, 1], got {t}")
+    scores = attr.scores if isinstance(attr, Attribution) else attr    # (n_layers, d_ff)
+    mx = float(scores.max())
+    if mx <= 0:
+        return []
+    keep = (scores > t * mx).nonzero().tolist()
+    return sorted(((int(l), int(i)) for l, i in keep), key=lambda n: -float(scores[n]))
+
+
+@dataclass
+class KnowledgeNeurons:
+    """Result of :func:`find_knowledge_neurons`: the neurons and how they were chosen."""
+
+    neurons: list[Neuron]               # best first (by mean attribution over the prompts)
+    p: float                            # final sharing threshold
+    coarse: list[list[Neuron]]          # per prompt, the coarse set
+    attributions: list[Attribution] = field(repr=False)
+    counts: Counter = field(repr=False)  # neuron -> number of prompts whose coarse set has it
+
+
+def refine(coarse_sets: list[list[Neuron]], mean_scores: dict[Neuron, float] | None = None, p: float = 0.7,
+           target: tuple[int, int] = (2, 5), step: float = 0.05) -> tuple[list[Neuron], float]:
+    """Keep neurons shared by ≥ p of the prompts' coarse sets, adjusting p by ``step`` to land in ``target``.
+
+    Dai et al.: p starts at 0.7 and moves by 0.05 until 2–5 neurons remain. When no p
+    gives a count in range (counts jump over it), the smallest set above the range is cut
+    to its ``target[1]`` best neurons by ``mean_scores``. Returns (neurons best first, final p).
+    """
+    lo, hi = target
+    if not 1 <= lo <= hi:
+        raise ValueError(f"refine: target must be (lo, hi) with 1 <= lo <= hi, got {target}")
+    if not 0 < p <= 1:
+        raise ValueError(f"refine: p must be in (0, 1], got {p}")
+    n = len(coarse_sets)
+    if n == 0:
+        raise ValueError("refine: no coarse sets")
+    counts = Counter(x for s in coarse_sets for x in set(s))
+    score = mean_scores or {x: float(c) for x, c in counts.items()}
+    order = lambda xs: sorted(xs, key=lambda x: (-score.get(x, 0.0), x))  # noqa: E731
+    shared = lambda q: order([x for x, c in counts.items() if c >= q * n - 1e-9])  # noqa: E731
+    cur, direction, above = shared(p), 0, None
+    while not lo <= len(cur) <= hi:
+        d = 1 if len(cur) > hi else -1
+        if len(cur) > hi:
+            above = (cur, p)
+        if direction and d != direction:        # crossed the range: no p lands inside it
+            break
+        direction = d
+        q = round(p + d * step, 10)
+        if q > 1 + 1e-9 or q <= 1e-9:          # p cannot move further
+            break
+        p, cur = q, shared(q)
+    if len(cur) < lo and above is not None:     # fell below the range: take the smallest set above it
+        cur, p = above
+    return cur[:hi], p
+
+
+def find_knowledge_neurons(model, tok, prompts: str | Sequence[str], answer: str, t: float = 0.2,
+                           p: float = 0.7, target: tuple[int, int] = (2, 5), steps: int = 20,
+                           layers: int | Sequence[int] | None = None, batch_size: int = 128) -> KnowledgeNeurons:
+    """Attribute each prompt, keep coarse sets (t·max), refine across prompts (see :func:`refine`)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("find_knowledge_neurons: no prompts given")
+    attrs = [attribute(model, tok, q, answer, layers=layers, steps=steps, batch_size=batch_size) for q in prompts]
+    coarse = [coarse_neurons(a, t) for a in attrs]
+    mean = torch.stack([a.scores for a in attrs]).mean(0)          # (n_layers, d_ff)
+    cand = {x for s in coarse for x in s}
+    neurons, p_final = refine(coarse, {x: float(mean[x]) for x in cand}, p=p, target=target)
+    return KnowledgeNeurons(neurons, p_final, coarse, attrs, Counter(x for s in coarse for x in set(s)))
+
+
+def knowledge_neurons(model, tok, prompts: str | Sequence[str], answer: str, t: float = 0.2, p: float = 0.7,
+                      target: tuple[int, int] = (2, 5), steps: int = 20,
+                      layers: int | Sequence[int] | None = None, batch_size: int = 128) -> list[Neuron]:
+    """The fact's knowledge neurons ``[(layer, i), ...]``, best first (Dai et al. 2022).
+
+    ``prompts``: the fact's prompts (e.g. the rewrite prompt and its paraphrases) that all
+    end right before ``answer``. ``t``: coarse threshold (fraction of the max attribution);
+    ``p``: starting fraction of prompts a neuron must be shared by; ``target``: wanted
+    number of neurons. Stable API (used by :mod:`kvlab.editing.kn`).
+    """
+    return find_knowledge_neurons(model, tok, prompts, answer, t=t, p=p, target=target, steps=steps,
+                                  layers=layers, batch_size=batch_size).neurons
+
+
+def shared_neurons(neuron_sets: Sequence[Sequence[Neuron]], min_count: int = 2) -> list[tuple[Neuron, int]]:
+    """Neurons that occur in at least ``min_count`` of the sets (e.g. the facts of one relation), most shared first."""
+    c = Counter(x for s in neuron_sets for x in set(map(tuple, s)))
+    return sorted(((x, k) for x, k in c.items() if k >= min_count), key=lambda xk: (-xk[1], xk[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines
+
+
+def _check_neurons(arch, neurons) -> dict[int, list[int]]:
+    """Group neurons by layer, validating indices: {layer: [i, ...]}."""
+    by_layer: dict[int, list[int]] = {}
+    for x in neurons:
+        try:
+            l, i = x
+        except (TypeError, ValueError):
+            raise ValueError(f"a neuron must be a (layer, index) pair, got {x!r}") from None
+        l = arch._check_layer(int(l))
+        if not 0 <= int(i) < arch.d_ff:
+            raise ValueError(f"neuron index {i} out of range for layer {l} (d_ff={arch.d_ff})")
+        by_layer.setdefault(l, []).append(int(i))
+    return by_layer
+
+
+def random_neurons(model, like: Sequence[Neuron], seed: int = 0) -> list[Neuron]:
+    """As many random neurons per layer as ``like`` has, none of them in ``like`` (a baseline)."""
+    arch = adapter(model)
+    by_layer = _check_neurons(arch, like)
+    rng = random.Random(seed)
+    out = []
+    for l, idx in sorted(by_layer.items()):
+        pool = sorted(set(range(arch.d_ff)) - set(idx))
+        out += [(l, i) for i in rng.sample(pool, min(len(idx), len(pool)))]
+    return out
+
+
+def activation_neurons(model, tok, prompt: str, like: Sequence[Neuron]) -> list[Neuron]:
+    """Per layer of ``like``, as many neurons with the largest |m| at the last prompt position (a baseline).
+
+    Selection by activation alone, the attribution-free alternative: IG weights
+    m_i by its effect on the answer, this baseline only by its size.
+    """
+    arch = adapter(model)
+    by_layer = _check_neurons(arch, like)
+    batch = encode(model, tok, prompt)
+    mods = {l: arch.value_module(l) for l in by_layer}
+    with torch.no_grad(), capture(model, mods, what="input") as store:
+        model(**batch.inputs())
+    out = []
+    for l, idx in sorted(by_layer.items()):
+        m = store[l][0, int(batch.last[0])].abs()              # (d_ff,)
+        out += [(l, int(i)) for i in m.topk(len(idx)).indices]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Interventions
+
+
+@contextmanager
+def scale_neurons(model, neurons: Sequence[Neuron], factor: float,
+                  positions: int | torch.Tensor | None = None) -> Iterator[None]:
+    """Multiply the activations m_i of the given neurons by ``factor`` during the block.
+
+    ``positions``: ``None`` scales them at every position; an int at that position of
+    every row; a (batch,) tensor at one position per row (e.g. ``AnswerBatch.prompt_last``).
+    Works by patching the value modules' input, so no weight changes.
+    """
+    arch = adapter(model)
+    by_layer = _check_neurons(arch, neurons)
+
+    def scaler(idx: list[int]):
+        def fn(m):  # (batch, seq, d_ff)
+            m = m.clone()
+            cols = torch.tensor(idx, device=m.device)
+            if positions is None:
+                m[..., cols] = m[..., cols] * factor
+            elif isinstance(positions, int):
+                m[:, positions, cols] = m[:, positions, cols] * factor
+            else:
+                pos = positions.to(m.device)
+                if pos.shape != (m.shape[0],):
+                    raise ValueError(f"scale_neurons: positions has shape {tuple(pos.shape)}, "
+                                     f"expected ({m.shape[0]},) for this batch")
+                rows = torch.arange(m.shape[0], device=m.device)
+                sub = m[rows[:, None], pos[:, None], cols[None, :]]          # (batch, n_cols)
+                m[rows[:, None], pos[:, None], cols[None, :]] = sub * factor
+            return m
+        return fn
+
+    with patch({arch.value_module(l): scaler(idx) for l, idx in by_layer.items()}, what="input"):
+        yield
+
+
+def suppress(model, neurons: Sequence[Neuron], positions: int | torch.Tensor | None = None):
+    """Context manager: set the neurons' activations to 0 (Dai et al.'s suppression)."""
+    return scale_neurons(model, neurons, 0.0, positions)
+
+
+def amplify(model, neurons: Sequence[Neuron], factor: float = 2.0, positions: int | torch.Tensor | None = None):
+    """Context manager: multiply the neurons' activations by ``factor`` (Dai et al.: double them)."""
+    return scale_neurons(model, neurons, factor, positions)
+
+
+def intervention_effect(model, tok, neurons: Sequence[Neuron], prompts: str | Sequence[str],
+                        answers: str | Sequence[str], factor: float, at: str = "last") -> torch.Tensor:
+    """Relative change (p_after − p_before) / p_before of p(answer) per prompt when scaling the neurons.
+
+    ``at="last"``: scale only at the last prompt position (where attribution was done, as
+    Dai et al. intervene at the [MASK] position); ``"all"``: at every position.
+    """
+    if at not in ("last", "all"):
+        raise ValueError(f"intervention_effect: at must be 'last' or 'all', got {at!r}")
+    prompts, answers, _ = _as_lists(prompts, answers)
+    batch = answer_batch(model, tok, prompts, answers)
+    with torch.no_grad():
+        before = answer_logprob(model(**batch.inputs()).logits, batch).exp()
+        with scale_neurons(model, neurons, factor, batch.prompt_last if at == "last" else None):
+            after = answer_logprob(model(**batch.inputs()).logits, batch).exp()
+    return ((after - before) / before).cpu()
