@@ -7,7 +7,8 @@
 Each row times the full (token × layer) grid of one kind for both methods, with the same noise,
 and checks they agree (max |Δ| ≤ 1e-5). Times are process CPU seconds (robust when other jobs share
 the machine; use --threads 1 for a fair single-core comparison); on CUDA, wall-clock seconds.
-The reference is ``reference_trace`` in ``tests/test_tracing.py``: one full forward pass (of `samples` rows) per cell, with plain hooks.
+The reference is ``reference_trace`` in ``tests/test_tracing.py``: one full forward pass (of
+`samples` rows) per cell, with plain hooks.
 """
 from __future__ import annotations
 
