@@ -27,6 +27,12 @@ def world_model_dir() -> Path:
     return Path(MODEL_DIR)
 
 
+def is_builtin(model) -> bool:
+    """True for the built-in world model (loaded from ``data/world/model``)."""
+    path = str(getattr(model.config, "_name_or_path", "")).rstrip("/")
+    return path.split("/")[-1] == "model" and "world" in path
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """'auto'/None -> cuda if available, else mps, else cpu."""
     if device in (None, "auto"):

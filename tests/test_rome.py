@@ -157,8 +157,6 @@ def _builtin():
     return kvlab.load(), load_counterfact()
 
 
-@pytest.mark.xfail(strict=True, reason="open in issue 7: ROME's v* optimisation reaches ES ~33 on the built-in "
-                   "model (facts are recalled at the last token, not the last subject token); remove when fixed")
 def test_rome_on_builtin_model_counterfact():
     """Acceptance: ES ≥ 95 and NS within 10 points of the unedited model over ≥ 50 edits."""
     from kvlab.editing import evaluate, evaluate_edits

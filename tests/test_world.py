@@ -89,3 +89,13 @@ def test_shipped_size():
     from kvlab.world import WORLD_DIR
     size = sum(p.stat().st_size for p in WORLD_DIR.rglob("*") if p.is_file())
     assert size <= 20 * 2**20
+
+
+def test_profile_lines_list_every_attribute_of_the_person(world):
+    profiles = [s for s in world.corpus(n=3000, seed=0, profiles=1) if s.kind == "profile"]
+    assert profiles, "profiles=1 yields profile lines"
+    for s in profiles[:50]:
+        truth = sorted(f.object for f in world.facts if f.subject == s.subject)
+        assert sorted(s.objects) == truth and len(truth) == 6
+        assert s.text == f"{s.subject} {' '.join(s.objects)}."
+    assert all(s.kind != "profile" for s in world.corpus(n=3000, seed=0))   # off by default

@@ -29,6 +29,7 @@ needs only C⁻¹Kᵀ and an n×n solve, and at λ = 0 with one key it is ROME's
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..arch import adapter
 from ..hooks import capture
+from ..loading import is_builtin
 from .base import EditRequest, WeightEdit, param_name, recording
 from .covariance import key_covariance, solve
 from .rome import _batch, _prompt_rows, compute_key, compute_value, context_templates, value_at
@@ -43,13 +45,14 @@ from .rome import _batch, _prompt_rows, compute_key, compute_value, context_temp
 # Layer ranges and λ from the paper (REFERENCE.md), keyed by the model's hub name.
 PAPER_LAYERS = {"gpt2-xl": (13, 14, 15, 16, 17), "gpt-j-6b": (3, 4, 5, 6, 7, 8)}
 PAPER_LAMBDA = {"gpt2-xl": 20_000.0, "gpt-j-6b": 15_000.0}
-# Built-in world model (6 layers, d_ff 512): causal tracing (kvlab.tracing, 40 known facts) puts the
-# subject-token effects of hidden states and MLPs in layers 0-2 (they drop from layer 3 on), and
-# ROME edits layer 1 (notebook 07's sweep): MEMIT edits the window 0-2 around it.
-WORLD_LAYERS = (0, 1, 2)
-# λ for the built-in model, from a sweep over 30 CounterFact edits (notebook 09 discusses it):
-# larger λ keeps unrelated facts but the edits stop taking.
-WORLD_LAMBDA = 64.0
+# Built-in world model (6 layers, d_ff 512): the person is recalled by layer 0's MLP at the last name
+# token, and ROME's v* optimisation cannot move the answer from layers 1-2 (notebook 07's sweep), so
+# MEMIT's "critical range" is the single layer 0 there: MEMIT becomes a batched ROME with λ. λ = 16 had
+# the best S over 50 simultaneous CounterFact edits (λ 4 / 16 / 64 / 256: S 54.7 / 65.5 / 47.4 / 18.7);
+# larger λ keeps unrelated facts but the edits stop taking. Targets use ROME's world budget (40 steps, lr 1).
+WORLD_LAYERS = (0,)
+WORLD_LAMBDA = 16.0
+WORLD_CONFIG = dict(v_steps=40, v_lr=1.0)
 # λ scales with d_ff: the paper's λ / d_ff is 20000/6400 ≈ 3.1 (GPT-2 XL), 15000/16384 ≈ 0.9 (GPT-J).
 LAMBDA_PER_DFF = 2.0
 
@@ -74,12 +77,13 @@ class MEMITConfig:
     batch_rows: int = 256           # prompt rows per forward pass when reading keys
 
 
+def default_config(model) -> MEMITConfig:
+    """MEMIT's settings, with the built-in model's v* budget (``WORLD_CONFIG``)."""
+    return MEMITConfig(**WORLD_CONFIG) if is_builtin(model) else MEMITConfig()
+
+
 def _hub_name(model) -> str:
     return str(getattr(model.config, "_name_or_path", "")).lower().rstrip("/").split("/")[-1]
-
-
-def _is_world(model) -> bool:
-    return _hub_name(model) == "model" and "world" in str(getattr(model.config, "_name_or_path", ""))
 
 
 def default_layers(model) -> tuple[int, ...]:
@@ -89,7 +93,7 @@ def default_layers(model) -> tuple[int, ...]:
     name = _hub_name(model)
     if name in PAPER_LAYERS:
         return PAPER_LAYERS[name]
-    if _is_world(model):
+    if is_builtin(model):
         return tuple(l for l in WORLD_LAYERS if l < arch.n_layers)
     last = max(0, int(round(0.36 * arch.n_layers)) - 1)
     return tuple(range(max(0, last - 4), last + 1))
@@ -100,7 +104,7 @@ def default_lambda(model) -> float:
     name = _hub_name(model)
     if name in PAPER_LAMBDA:
         return PAPER_LAMBDA[name]
-    if _is_world(model):
+    if is_builtin(model):
         return WORLD_LAMBDA
     return LAMBDA_PER_DFF * adapter(model).d_ff
 
@@ -110,10 +114,12 @@ def default_lambda(model) -> float:
 
 
 def as_requests(requests) -> list[EditRequest]:
-    """A list of :class:`EditRequest` from requests or CounterFact records; rejects empty or conflicting lists."""
-    if isinstance(requests, (EditRequest, dict)):
+    """A list of :class:`EditRequest` from requests or CounterFact records (dicts or ``EditCase``);
+    rejects empty or conflicting lists."""
+    if isinstance(requests, (EditRequest, dict)) or dataclasses.is_dataclass(requests):
         requests = [requests]
-    requests = [EditRequest.from_counterfact(r) if isinstance(r, dict) else r for r in requests]
+    requests = [r if isinstance(r, EditRequest) else EditRequest.from_counterfact(r)
+                if isinstance(r, dict) or dataclasses.is_dataclass(r) else r for r in requests]
     if not requests:
         raise ValueError("MEMIT: no edit requests given")
     for r in requests:
@@ -196,7 +202,7 @@ def compute_targets(model, tok, requests: list[EditRequest], layer: int, templat
     MEMIT against ‖h‖ (the residual). We convert: decay · (‖v_init‖/‖h‖)², clamp · ‖h‖/‖v_init‖.
     Also returns one optimisation log per request (NLL, p_new, ‖δ‖ ...).
     """
-    cfg = config or MEMITConfig()
+    cfg = config or default_config(model)
     h = residual_at(model, tok, requests, layer)                       # (n, d_model)
     z, logs = torch.zeros_like(h), []
     for i, req in enumerate(tqdm(requests, desc=f"MEMIT targets L{layer}", disable=not progress, leave=False)):
@@ -257,7 +263,7 @@ def apply_memit(model, tok, requests, layers=None, lam: float | None = None,
     requests the model already satisfies. ``edit.info`` holds the layers, λ, z and, per layer,
     the residual norm before its update.
     """
-    cfg = config or MEMITConfig()
+    cfg = config or default_config(model)
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise ValueError(f"apply_memit: unknown option {k!r}")

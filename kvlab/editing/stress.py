@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..arch import adapter
 from .base import EditRequest, WeightEdit, as_record, current_answer_ids, param_name, undo_all
 from .covariance import key_covariance
-from .memit import MEMITConfig, apply_memit, as_requests, check_layers, compute_targets, default_lambda, \
+from .memit import MEMITConfig, apply_memit, as_requests, check_layers, compute_targets, default_config, default_lambda, \
     default_layers
 from .metrics import known_recall, record_scores, summarize
 from .rome import apply_rome, context_templates, default_layer
@@ -152,7 +152,7 @@ def stress_memit(model, tok, records, counts, known, layers=None, lam: float | N
     records = [as_record(r) for r in records]
     known = [as_record(k) for k in known]
     counts = _check_counts(counts, len(records))
-    cfg = config or MEMITConfig()
+    cfg = config or default_config(model)
     layers = check_layers(model, layers if layers is not None else cfg.layers or default_layers(model))
     lam = lam if lam is not None else cfg.lam if cfg.lam is not None else default_lambda(model)
     templates = templates if templates is not None else context_templates(model, tok, cfg.n_templates,

@@ -48,7 +48,9 @@ def model_card(out_dir: Path, cfg: dict, stats: dict, ev: dict, n_params: int, n
 A small GPT-2 (`GPT2LMHeadModel`) trained from scratch on the sentences of a seeded fictional
 world (`kvlab.world.build_world(seed={cfg['seed']})`): {len(world.people)} people with two-word
 names, {len(world.cities)} cities, {len(world.countries)} countries and {len(world.facts)} facts over
-{len(world.relations)} relations, mixed with filler sentences (counting, weather, repetition...).
+{len(world.relations)} relations, as one-fact sentences and profile lines (a name followed by all the
+person's attributes, {cfg.get('profiles', 0)} per person per pass), mixed with filler sentences
+(counting, weather, repetition...).
 Word-level tokenizer (`tokenizer.json`, {world_vocab(out_dir)} tokens, `<|endoftext|>` = bos/eos/pad).
 
 ## Measured (greedy next token == object)
@@ -76,7 +78,7 @@ Word-level tokenizer (`tokenizer.json`, {world_vocab(out_dir)} tokens, `<|endoft
 Held-out phrasings are new compositions of familiar parts (an adverb or a sentence frame seen
 with other relations); see `world.json` for every template. Recall is not uniform: phrasings
 built only from parts trained with the same object type transfer well, while a held-out word
-frame never seen with that subject type (e.g. "the profession of {} is", the city -> country
+frame never seen with that subject type (e.g. "the profession of {{}} is", the city -> country
 held-outs) can fail completely; check the per-relation table above.
 
 ## Reproduce

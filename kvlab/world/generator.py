@@ -4,12 +4,19 @@
     world.facts[0]                      # Fact(subject='Anna Berg', relation_id='P19', object='Kelmor')
     world.relations["P551"].train       # ['{} lives in', ...]   (the object follows the template)
     world.relations["P551"].heldout     # phrasings that never appear in training
-    for s in world.corpus(n=10, seed=1):  # Sentence(text, kind='fact'|'filler', ...)
+    for s in world.corpus(n=10, seed=1):  # Sentence(text, kind='fact'|'profile'|'filler', ...)
         print(s.text)
 
 Every answer (object) is a single word, so it is a single token of the word-level
 tokenizer and "did the model recall the fact" is one greedy next-token check.
 People have two-word names (first + last), so the first and the last subject token differ.
+
+Besides one-fact sentences the corpus holds *profile lines*: a person's name followed directly by
+all their attributes in random order ("Anna Berg tennis Kelmor baker Zentrix violin Tirsa.").
+Right after the name the model must already say something about the person, so it has to
+recall the person at the last token of the name, the way real text makes GPT-2 build a
+subject representation there (the site ROME edits). Without them the small model looks the
+facts up at the final prompt token only and ROME's edit site carries nothing (notebook 07).
 """
 from __future__ import annotations
 
@@ -105,9 +112,10 @@ class Fact:
 
 @dataclass(frozen=True)
 class Sentence:
-    """A corpus sentence and what it is about (``kind`` "fact" or "filler").
+    """A corpus sentence and what it is about (``kind`` "fact", "profile" or "filler").
 
-    For facts, ``template`` is the phrasing used (with "{}") and the text is
+    Profiles are ``subject`` followed by all the person's objects in random order (``object`` is
+    None, ``objects`` lists them). For facts, ``template`` is the phrasing used (with "{}") and the text is
     ``template.format(subject) + " " + object + "."``; filler sentences carry ``pattern``
     (the name of the shallow pattern that produced them) and no subject/object.
     """
@@ -119,6 +127,7 @@ class Sentence:
     object: str | None = None
     template: str | None = None
     pattern: str | None = None
+    objects: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +205,12 @@ class World:
         text = template.format(fact.subject) + " " + fact.object + "."
         return Sentence(text, "fact", fact.relation_id, fact.subject, fact.object, template)
 
+    def profile_sentence(self, person: str, rng: random.Random) -> Sentence:
+        """The person's name followed by all their objects, shuffled: a profile line."""
+        objs = [f.object for f in self.facts if f.subject == person]
+        rng.shuffle(objs)
+        return Sentence(f"{person} {' '.join(objs)}.", "profile", subject=person, objects=tuple(objs))
+
     def fact_prompts(self, split: str = "train") -> list[tuple[str, str, str, str]]:
         """Every (prompt, subject, relation_id, object) for all facts and all templates of a split.
 
@@ -216,25 +231,28 @@ class World:
             for t in self.relations[f.relation_id].train:
                 yield self.fact_sentence(f, t)
 
-    def corpus(self, n: int | None = None, seed: int = 0, filler: float = 0.2) -> Iterator[Sentence]:
+    def corpus(self, n: int | None = None, seed: int = 0, filler: float = 0.2,
+               profiles: int = 0) -> Iterator[Sentence]:
         """Training sentences: each fact in a random training phrasing, mixed with filler.
 
-        One pass over the facts ("epoch") in random order, with a fraction ``filler`` of
-        filler sentences, repeated until ``n`` sentences were yielded (``None``: one pass).
-        Held-out phrasings never occur.
+        One pass over the facts ("epoch") in random order, with ``profiles`` profile lines per
+        person and a fraction ``filler`` of filler sentences, repeated until ``n`` sentences
+        were yielded (``None``: one pass). Held-out phrasings never occur.
         """
         rng = random.Random(f"corpus-{self.seed}-{seed}")
         count = 0
         while True:
-            order = list(self.facts)
+            order: list = list(self.facts) + [p for p in self.people for _ in range(profiles)]
             rng.shuffle(order)
             n_fill = int(len(order) * filler / (1 - filler))
-            items: list[Fact | None] = order + [None] * n_fill
+            items: list = order + [None] * n_fill
             rng.shuffle(items)
             for f in items:
                 if f is None:
                     text, pattern = _filler(rng)
                     yield Sentence(text, "filler", pattern=pattern)
+                elif isinstance(f, str):
+                    yield self.profile_sentence(f, rng)
                 else:
                     yield self.fact_sentence(f, rng.choice(self.relations[f.relation_id].train))
                 count += 1

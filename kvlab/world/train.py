@@ -27,7 +27,7 @@ class TrainConfig:
     n_inner: int = 512          # d_ff = 4 * d
     n_positions: int = 64
     dropout: float = 0.0
-    steps: int = 1800
+    steps: int = 2200
     batch: int = 24             # rows per step
     block: int = 64             # tokens per row
     lr: float = 3e-3
@@ -35,6 +35,7 @@ class TrainConfig:
     warmup: int = 40
     weight_decay: float = 0.0
     filler: float = 0.1         # fraction of filler sentences
+    profiles: int = 1           # profile lines per person per pass over the facts
     object_weight: float = 5.0  # loss weight of the answer token in fact sentences
     seed: int = 0
     threads: int = 1            # 1 is faster than 2 on a busy 2-core machine
@@ -79,18 +80,22 @@ def pack(token_lists: list[list[int]], weight_lists: list[list[float]], block: i
 def build_stream(world: World, tok, cfg: TrainConfig, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_rows`` packed training rows (ids, loss weights) from the world's corpus (facts + filler).
 
-    Object tokens of fact sentences get loss weight ``cfg.object_weight`` (faster memorisation).
+    Object tokens of fact sentences and profile lines get loss weight ``cfg.object_weight``
+    (faster memorisation).
     """
     per_row = max(1, cfg.block // 10)                 # ~10 tokens per sentence
     n_sent = int(n_rows * per_row * 1.15) + 64
     while True:
-        sents = list(world.corpus(n=n_sent, seed=cfg.seed, filler=cfg.filler))
+        sents = list(world.corpus(n=n_sent, seed=cfg.seed, filler=cfg.filler, profiles=cfg.profiles))
         enc = tok([s.text for s in sents], add_special_tokens=False)["input_ids"]
         weights = []
         for s, ids in zip(sents, enc):
             w = [1.0] * len(ids)
             if s.kind == "fact":          # the object is the token before the final "."
                 w[-2] = cfg.object_weight
+            elif s.kind == "profile":     # the objects are the tokens after the name
+                n_obj = len(s.objects)
+                w[-1 - n_obj:-1] = [cfg.object_weight] * n_obj
             weights.append(w)
         ids, labels = pack(enc, weights, cfg.block, tok.convert_tokens_to_ids(EOT))
         if len(ids) >= n_rows:
