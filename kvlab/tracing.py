@@ -18,22 +18,43 @@ Indirect effect IE = scores − low_score; total effect TE = high_score − low_
 The answer is a single token: given a string, its **first token** is scored (as ROME,
 which scores the model's own top prediction, the default here).
 
-Speed. The obvious method runs one forward pass per (token, layer) cell. Here:
+Speed. The obvious method runs one forward pass per (token, layer) cell: n_tokens × n_layers
+passes of every position through every block. Here:
 
-* one clean pass caches every block output, MLP output and attention output;
-* one corrupted pass caches every block's input (and the arguments transformers passes
-  to the block: attention mask, position ids, rotary embeddings);
-* all cells form one batch (cells × samples rows) that grows layer by layer: a cell's rows
-  join at the block where its first restoration happens, starting from the cached
-  corrupted input, so the layers below are computed once for all cells instead of once
-  per cell, and every block runs once per grid instead of once per cell;
+* one forward pass of 1 + samples rows (row 0 clean, the others corrupted) caches every clean
+  block / MLP / attention output, every block's corrupted input, the keys and values every
+  corrupted attention computes (after rotary embeddings; through a stand-in for the transformers
+  cache), and the arguments transformers passes to the blocks (mask, position ids, rotary tables);
+* a cell's rows (one per noise sample) join at the block where its first restoration acts, from
+  that block's cached corrupted input, so the blocks below are never recomputed;
+* noise only touches the subject, and a restoration at token t changes no position before t
+  (attention is causal). So cells before the subject score ``low_score`` without any computation,
+  and a cell at token t computes positions [t, n) only: their attention reads the positions
+  before t from the cached corrupted keys/values (mask rows, position ids and rotary tables cut
+  to match). A cell costs about (n − t) positions × (blocks from its first restoration on)
+  instead of n × n_layers;
+* rows are keyed by their state, (token, layers restored so far): cells that share a history
+  share rows. The "mlp"/"attn" windows of one token hold the same state until the shorter one
+  ends, and clipped windows (every window reaching past both ends of a small model) are one;
+* only the last position is read from the last block: the other positions only pass their keys
+  and values to it, so a first pass over them stops inside the attention (no MLP), then the last
+  position runs alone;
+* each block runs once per group of tokens per batch, on all the group's rows. One group per
+  token computes the fewest positions; merging neighbouring tokens (the later ones then also
+  recompute a few corrupted positions) saves block calls, which have a fixed cost (Python,
+  dispatch, reading the weights). ``Tracer._groups`` weighs the two: small models get few groups,
+  big ones one per token;
 * only the last position is sent through the final norm and the unembedding.
 
-The result equals the one-cell-at-a-time method up to float rounding (tests check
-≤ 1e-5 on every family with the same noise).
+Families whose blocks take no cache argument, or that pass blocks per-position arguments not
+understood here, or run another attention than eager/sdpa, compute all positions
+(``Tracer.split`` is False) and keep the other savings. The result equals the
+one-cell-at-a-time method up to float rounding (tests check ≤ 1e-5 on every family with the
+same noise, through each path). ``benchmarks/bench_tracing.py`` measures the speed-up.
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
@@ -169,35 +190,148 @@ def noise_level(model, tok, subjects: Iterable, factor: float = 3.0) -> float:
 
 
 def _expand(x, batch: int):
-    """Broadcast batch-1 tensors (and tuples of them) in block arguments to ``batch`` rows."""
+    """Broadcast batch-1 tensors (also inside tuples, lists, dicts) in block arguments to ``batch`` rows."""
     if torch.is_tensor(x):
         return x.expand(batch, *x.shape[1:]) if x.dim() >= 2 and x.shape[0] == 1 else x
+    if isinstance(x, dict):
+        return {k: _expand(v, batch) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
         return type(x)(_expand(v, batch) for v in x)
     return x
 
 
+def _first_row(x, batch: int):
+    """Cut tensors (also inside tuples and lists) of ``batch`` rows in block arguments to their first row."""
+    if torch.is_tensor(x):
+        return x[:1] if x.dim() >= 2 and x.shape[0] == batch else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_first_row(v, batch) for v in x)
+    return x
+
+
+# Block arguments by name: the cache argument (what a block's attention calls ``update`` on) and
+# the arguments that index positions, which are sliced when a block runs on the last positions only.
+CACHE_ARGS = ("past_key_values", "layer_past", "past_key_value")
+POSITION_ARGS = ("attention_mask", "position_ids", "cache_position", "position_embeddings")
+# What one block call costs beyond its arithmetic, in tokens through the block (see Tracer._groups):
+# a fixed time for Python, dispatch and kernel launches, worth CALL_FLOPS of arithmetic (~0.4 ms at
+# ~50 GFLOP/s on a CPU core; more on a GPU), plus reading the weights, which bounds the time of
+# matrix products of fewer than about CALL_ROWS rows.
+CALL_FLOPS = {"cpu": 2e7, "cuda": 1e10}
+CALL_ROWS = 32
+
+
+def _bind(sig: inspect.Signature, args, kwargs) -> dict:
+    """A call's arguments as one keyword dict, positional ones named after the signature ``sig``."""
+    out = {}
+    for name, value in sig.bind(*args, **kwargs).arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError("a block got unnamed extra arguments; cannot record them")
+        else:
+            out[name] = value
+    return out
+
+
 @contextmanager
-def _record_block_inputs(blocks) -> Iterator[list]:
-    """Record (hidden, args, kwargs) entering each block: hidden (batch, seq, d_model)."""
+def _record_block_inputs(blocks, sigs, caches: Sequence | None = None) -> Iterator[list[dict]]:
+    """Record the arguments entering each block as a keyword dict (the hidden states included).
+
+    ``sigs``: the blocks' forward signatures. ``caches``: one (argument name, cache object) per
+    block, passed to the block as its cache.
+    """
     calls: list = [None] * len(blocks)
     handles = []
     for l, block in enumerate(blocks):
         def pre(module, args, kwargs, l=l):
-            calls[l] = (args[0] if args else kwargs["hidden_states"], args, kwargs)
+            calls[l] = kw = _bind(sigs[l], args, kwargs)
+            if caches is not None:
+                name, cache = caches[l]
+                return (), {**kw, name: cache}
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
     with hooks(handles):
         yield calls
 
 
-def _restore_fn(clean: Tensor, positions: Tensor):
-    """Patch function: row r gets the clean state at token positions[r]. clean: (seq, d)."""
-    def fn(x: Tensor) -> Tensor:   # (rows, seq, d)
-        x = x.clone()
-        rows = torch.arange(x.shape[0], device=x.device)
-        x[rows, positions] = clean[positions].to(x.dtype)
-        return x
-    return fn
+class _Recorder:
+    """Stands in for a transformers cache in one block: keeps the keys and values its attention computes."""
+
+    keys = values = None
+
+    def update(self, keys: Tensor, values: Tensor, *args, **kwargs):
+        self.keys, self.values = keys, values       # (samples, kv_heads, n, d_head), rotary applied
+        return keys, values
+
+
+class _Prefix:
+    """Stands in for a transformers cache in one block, for rows that hold only the positions from
+    ``start`` on: their attention also sees the keys and values of the positions before, given here.
+
+    keys, values: (samples, kv_heads, start, d_head), the same for every restored run (the corrupted
+    run's: restorations change no position before their token), row r of a batch being noise sample
+    r % samples; or (rows, kv_heads, start, d_head), one per row.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor):
+        self.keys, self.values = keys, values
+
+    def update(self, keys: Tensor, values: Tensor, *args, **kwargs):
+        g = keys.shape[0] // self.keys.shape[0]      # keys: (rows, kv_heads, positions, d_head)
+        return (torch.cat([self.keys.repeat(g, 1, 1, 1), keys], dim=-2),
+                torch.cat([self.values.repeat(g, 1, 1, 1), values], dim=-2))
+
+
+class _Stop(Exception):
+    """Ends a block's forward pass early (raised by :class:`_Collect`)."""
+
+
+class _Collect(_Prefix):
+    """A :class:`_Prefix` that keeps the keys and values of all positions so far, per row, then stops
+    the block: used where only a block's keys and values are wanted, not its output."""
+
+    def update(self, keys: Tensor, values: Tensor, *args, **kwargs):
+        self.keys, self.values = super().update(keys, values)   # (rows, kv_heads, positions, d_head)
+        raise _Stop
+
+
+def _splittable(kwargs: dict, n: int, sdpa: bool) -> bool:
+    """Whether a block's recorded arguments can be cut to a suffix of the positions (see :func:`_suffix`)."""
+    for name, v in kwargs.items():
+        if name in CACHE_ARGS or not (torch.is_tensor(v) or isinstance(v, (tuple, list))):
+            continue
+        if name not in POSITION_ARGS:                # a tensor argument we do not know how to cut
+            return False
+        if name == "attention_mask":
+            ok = v.dim() == 4 and tuple(v.shape[-2:]) == (n, n)
+        elif name == "position_embeddings":
+            ok = all(torch.is_tensor(x) and x.dim() >= 2 and x.shape[-2] == n for x in v)
+        else:                                        # position_ids (1, n), cache_position (n,)
+            ok = v.shape[-1] == n
+        if not ok:
+            return False
+    # no mask: sdpa's implicit causal mask, which _suffix makes explicit; eager always gets one
+    return kwargs.get("attention_mask") is not None or sdpa
+
+
+def _suffix(kwargs: dict, start: int, stop: int, n: int, dtype, device) -> dict:
+    """Block arguments for positions [start, stop) attending to [0, stop): mask rows, position ids and
+    rotary tables cut (n: all positions, as recorded)."""
+    kw = dict(kwargs)
+    mask = kw.get("attention_mask")
+    if mask is None:    # sdpa builds no mask, and its is_causal is wrong when queries < keys: make one
+        mask = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
+    kw["attention_mask"] = mask[..., start:stop, :stop]         # (1, 1, stop - start, stop)
+    if kw.get("position_ids") is not None:
+        kw["position_ids"] = kw["position_ids"][..., start:stop]
+    if kw.get("cache_position") is not None:
+        kw["cache_position"] = kw["cache_position"][start:stop]
+    if kw.get("position_embeddings") is not None:               # rotary (cos, sin), each (1, n, d_rot)
+        kw["position_embeddings"] = type(kw["position_embeddings"])(x[..., start:stop, :]
+                                                                    for x in kw["position_embeddings"])
+    return kw
 
 
 # ----------------------------------------------------------------------------- tracer
@@ -205,7 +339,9 @@ class Tracer:
     """Clean and corrupted runs of one prompt, cached; restored runs computed in batches.
 
     ``eps`` (samples, n_subject_tokens, d_model) are the standard-normal draws; pass the
-    same ``eps`` to another implementation to get the same corruption.
+    same ``eps`` to another implementation to get the same corruption. ``split``: whether
+    blocks run on the last positions only (see the module docstring); ``call_tokens``: the
+    fixed cost of a block call, in tokens through a block, that decides how tokens are grouped.
     """
 
     @torch.no_grad()
@@ -219,7 +355,7 @@ class Tracer:
         self.max_batch = max_batch
         batch = encode(model, tok, prompt)
         self.ids = batch.input_ids                          # (1, n)
-        self.n = self.ids.shape[1]
+        self.n = n = self.ids.shape[1]
         self.subject_range = subject_token_range(tok, prompt, subject, occurrence)
         b, e = self.subject_range
         if e > self.n:
@@ -232,31 +368,55 @@ class Tracer:
             raise ValueError(f"eps has shape {tuple(self.eps.shape)}, expected {(samples, e - b, d)}")
         self.samples = samples
         L = self.arch.n_layers
-        blocks = [self.arch.layer(l) for l in range(L)]
+        self.blocks = blocks = [self.arch.layer(l) for l in range(L)]
+        sigs = [inspect.signature(block.forward) for block in blocks]
+        self.hidden_arg = [next(iter(sig.parameters)) for sig in sigs]  # "hidden_states"
+        self.cache_arg = [next((a for a in CACHE_ARGS if a in sig.parameters), None) for sig in sigs]
 
-        # 1. clean run: cache block / mlp / attn outputs at every layer.
+        # Can blocks run on the last positions only, given the earlier positions' keys and values?
+        # Needs a cache argument that the attention updates, and position arguments we can cut.
+        impl = getattr(model.config, "_attn_implementation", None)
+        self.split = all(self.cache_arg) and impl in ("eager", "sdpa")
+        self.kv = [_Recorder() for _ in blocks] if self.split else None
+        caches = list(zip(self.cache_arg, self.kv)) if self.split else None
+
+        # One forward pass of 1 + samples rows: row 0 clean, the others corrupted. Cache the clean
+        # block / mlp / attn outputs, every block's corrupted input (and keys/values) and the last
+        # block's corrupted output, and the arguments transformers passes to the blocks.
         mods = {("hidden", l): blocks[l] for l in range(L)}
         mods.update({("mlp", l): self.arch.mlp(l) for l in range(L)})
         mods.update({("attn", l): self.arch.attn(l) for l in range(L)})
-        with capture(model, mods) as store, _record_block_inputs(blocks) as calls:
-            logits = model(**batch.inputs(), use_cache=False).logits[0, -1]   # (vocab,)
-        self.clean = {k: v[0] for k, v in store.items()}   # (kind, l) -> (n, d)
-        self.block_args = [(args, kwargs) for _, args, kwargs in calls]     # batch-1 arguments
+        ids = self.ids.expand(1 + samples, -1)
+        mask = batch.attention_mask.expand(1 + samples, -1)
+
+        def corrupt_rows(emb: Tensor) -> Tensor:                            # (1 + samples, n, d)
+            return torch.cat([emb[:1], self.corrupt(emb[1:])])
+        with patch(self.arch.embed, corrupt_rows), capture(model, mods) as store, \
+                _record_block_inputs(blocks, sigs, caches) as calls:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]  # (1 + samples, vocab)
+        self.clean = {k: v[0] for k, v in store.items()}                    # (kind, l) -> (n, d)
+        # L+1 x (samples, n, d): every block's corrupted input, then the last block's corrupted output
+        self.corrupted = [kw[h][1:] for kw, h in zip(calls, self.hidden_arg)] + [store[("hidden", L - 1)][1:]]
+        # every block's keyword arguments (mask, position ids, rotary tables) for one row, hidden states left out
+        self.block_kwargs = [{k: _first_row(v, 1 + samples) for k, v in kw.items() if k != h}
+                             for kw, h in zip(calls, self.hidden_arg)]
+        if self.split:     # every attention handed its keys/values to the cache, and the arguments can be cut
+            self.split = (all(r.keys is not None and r.keys.shape[-2] == n for r in self.kv)
+                          and all(_splittable(kw, n, impl == "sdpa") for kw in self.block_kwargs))
+        if self.split:
+            for r in self.kv:
+                r.keys, r.values = r.keys[1:], r.values[1:]                 # (samples, kv_heads, n, d_head)
         if answer is None:
-            self.answer_id = int(logits.argmax())
+            self.answer_id = int(logits[0].argmax())
         else:
             self.answer_id = token_ids(tok, answer)[0]
         self.answer = tok.decode([self.answer_id])
-        self.high_score = float(logits.float().softmax(-1)[self.answer_id])
-
-        # 2. corrupted run: cache every block's input and the last block's output.
-        ids = self.ids.expand(samples, -1)
-        mask = batch.attention_mask.expand(samples, -1)
-        with patch(self.arch.embed, self.corrupt), _record_block_inputs(blocks) as calls, \
-                capture(model, {"out": blocks[-1]}) as last:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]
-        self.corrupted = [c[0] for c in calls] + [last["out"]]   # L+1 x (samples, n, d)
-        self.low_score = float(logits.float().softmax(-1)[:, self.answer_id].mean())
+        p = logits.float().softmax(-1)[:, self.answer_id]
+        self.high_score = float(p[0])
+        self.low_score = float(p[1:].mean())
+        # what a block call costs beyond its arithmetic, in tokens through one block (see _groups)
+        flops = 2 * sum(w.numel() for w in blocks[0].parameters())           # per token through one block
+        self.call_tokens = CALL_FLOPS.get(self.ids.device.type, CALL_FLOPS["cuda"]) / flops + CALL_ROWS
 
     def corrupt(self, emb: Tensor) -> Tensor:
         """Add ν·ε to the subject token embeddings. emb: (samples, n, d)."""
@@ -265,72 +425,156 @@ class Tracer:
         emb[:, b:e] += self.noise * self.eps.to(emb.device, emb.dtype)
         return emb
 
-    def run_block(self, l: int, h: Tensor) -> Tensor:
-        """Block l on hidden states h (rows, n, d), with the block arguments of the clean run."""
-        args, kwargs = _expand(self.block_args[l], h.shape[0])
-        if args:
-            return first(self.arch.layer(l)(h, *args[1:], **kwargs))
-        return first(self.arch.layer(l)(**{**kwargs, "hidden_states": h}))
+    def run_block(self, l: int, h: Tensor, start: int = 0, cache: _Prefix | None = None,
+                  restore: tuple | None = None) -> Tensor:
+        """Block l on hidden states h (rows, m, d) of positions [start, start + m), with the clean run's
+        block arguments. The attention sees the positions before ``start`` through ``cache`` (default:
+        the corrupted run's keys/values). ``restore`` = (module, rows, tokens, states): the module's
+        output at (row, token) is set to the state, for the tokens in [start, start + m).
+        """
+        kw, stop = self.block_kwargs[l], start + h.shape[1]
+        if (start, stop) != (0, self.n):
+            kw = _suffix(kw, start, stop, self.n, h.dtype, h.device)
+            rec = self.kv[l]
+            kw[self.cache_arg[l]] = cache if cache is not None else \
+                _Prefix(rec.keys[:, :, :start], rec.values[:, :, :start])
+        kw = _expand(kw, h.shape[0])
+        if restore is None:
+            return first(self.blocks[l](**kw, **{self.hidden_arg[l]: h}))
+        mod, rows, toks, states = restore
+        inside = (toks >= start) & (toks < stop)
+        rows, toks, states = rows[inside], toks[inside] - start, states[inside]
+
+        def fn(y: Tensor) -> Tensor:                                  # (rows, m, d)
+            y = y.clone()
+            y[rows, toks] = states.to(y.dtype)
+            return y
+        with patch(mod, fn):
+            return first(self.blocks[l](**kw, **{self.hidden_arg[l]: h}))
+
+    def run_last_block(self, h: Tensor, start: int = 0, restore: tuple | None = None) -> Tensor:
+        """The last block's output at the last position only, (rows, 1, d), for h (rows, n - start, d).
+
+        Of the other positions only the keys and values are needed there: a first pass on positions
+        [start, n - 1) stops once the attention has them (norm and key/value projections, no MLP),
+        then the last position runs alone. (Restoring a module output at the last layer changes only
+        that position's output: ``restore`` matters at the last position only.)
+        """
+        l = self.arch.n_layers - 1
+        if not self.split or h.shape[1] == 1:
+            return self.run_block(l, h, start, restore=restore)[:, -1:]
+        rec = self.kv[l]
+        kv = _Collect(rec.keys[:, :, :start], rec.values[:, :, :start])
+        try:
+            self.run_block(l, h[:, :-1], start, kv)
+        except _Stop:
+            pass
+        else:
+            raise RuntimeError("the last block never handed its keys/values to the cache")
+        return self.run_block(l, h[:, -1:], self.n - 1, _Prefix(kv.keys, kv.values), restore)
 
     @torch.no_grad()
     def restored(self, kind: str, cells: Sequence[tuple[int, int]], window: int = 10) -> Tensor:
         """p(answer) with cell (token t, layer l) restored, averaged over the samples, per cell -> (cells,).
 
-        Each cell's rows (one per noise sample) join the batch at the first block its restoration
-        changes (``hidden``: l+1, from block l's corrupted output; ``mlp``/``attn``: the window's
-        first layer, from that block's corrupted input), so everything below is shared.
+        Cells whose token precedes the subject score ``low_score``: clean and corrupted states are
+        equal there. The others' rows are keyed by their state, (token, layers restored so far), so
+        that cells with the same history share rows (the "mlp"/"attn" windows [lo, hi) of a token
+        all hold the same state until the shorter one ends); tokens are run in groups (``_groups``).
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        L, S, dev = self.arch.n_layers, self.samples, self.ids.device
-        spans = [range(l + 1, l + 1) if kind == "hidden" else window_layers(l, window, L) for _, l in cells]
-        join = [l + 1 if kind == "hidden" else sp.start for (_, l), sp in zip(cells, spans)]
-        order = sorted(range(len(cells)), key=lambda c: join[c])
-        tok = torch.tensor([cells[c][0] for c in order], device=dev).repeat_interleave(S)   # (rows,)
-        lo = torch.tensor([spans[c].start for c in order], device=dev).repeat_interleave(S)
-        hi = torch.tensor([spans[c].stop for c in order], device=dev).repeat_interleave(S)
-        joined = torch.tensor([join[c] for c in order], device=dev).repeat_interleave(S)
-        mod = self.arch.mlp if kind == "mlp" else self.arch.attn
+        L, b = self.arch.n_layers, self.subject_range[0]
+        out = torch.full((len(cells),), self.low_score)
+        live = [i for i, (t, _) in enumerate(cells) if t >= b]
+        if not live:
+            return out
+        # layers at which a cell restores its token: block output ("hidden") or module output ("mlp", "attn")
+        layers = {i: (l,) if kind == "hidden" else tuple(window_layers(l, window, L))
+                  for i, (_, l) in enumerate(cells)}
 
-        def entering(k: int) -> Tensor:
-            """Rows of the cells that join at block k: corrupted input of block k, restored if hidden."""
-            rows = (joined == k).nonzero().squeeze(1)
-            h = self.corrupted[k].repeat(len(rows) // S, 1, 1)                  # (new rows, n, d)
-            if kind == "hidden" and len(rows):
-                h = _restore_fn(self.clean[("hidden", k - 1)], tok[rows])(h)
-            return h
+        def state(i: int, k: int):
+            """The state of cell i's rows after block k; None while they equal the corrupted run's."""
+            done = tuple(j for j in layers[i] if j <= k)
+            return (cells[i][0], done) if done else None
 
-        h = entering(0)                                                         # (rows so far, n, d)
-        for k in range(L):
-            h = torch.cat([h, entering(k)]) if k else h
-            if not len(h):          # no cell has joined yet
-                continue
-            if kind == "hidden":
-                h = self.run_block(k, h)
-                continue
-            r = ((lo[:len(h)] <= k) & (k < hi[:len(h)])).nonzero().squeeze(1)  # rows restoring at layer k
-            clean = self.clean[(kind, k)]
-
-            def fn(x: Tensor) -> Tensor:
-                x = x.clone()
-                x[r, tok[r]] = clean[tok[r]].to(x.dtype)
-                return x
-            with patch(mod(k), fn):
-                h = self.run_block(k, h)
-        h = torch.cat([h, entering(L)])                                         # hidden restored at the top
-        logits = self.arch.unembed(self.arch.final_norm(h[:, -1]))             # (rows, vocab)
-        p = logits.float().softmax(-1)[:, self.answer_id].view(len(cells), S).mean(1)
-        out = torch.empty_like(p)
-        out[torch.tensor(order, device=p.device)] = p
+        plan = [list(dict.fromkeys(s for i in live if (s := state(i, k)) is not None)) for k in range(L)]
+        for start, tokens in self._groups(plan):
+            p = self._run(kind, start, [[s for s in states if s[0] in tokens] for states in plan])
+            for i in live:
+                if cells[i][0] in tokens:
+                    out[i] = p[state(i, L - 1)]
         return out
+
+    def _groups(self, plan: list[list]) -> list[tuple[int, set]]:
+        """Group tokens into runs: (start, tokens) computes positions [start, n) for tokens ≥ start.
+
+        A group per token computes the fewest positions; fewer groups make fewer block calls, each
+        with a fixed cost (``call_tokens``, in tokens through a block). Token t joins the group before
+        when its extra positions, (t − start) per row, cost less than its own block calls would.
+        """
+        tokens = sorted({t for states in plan for t, _ in states})
+        if not self.split:          # every row computes every position
+            return [(0, set(tokens))]
+        groups: list[tuple[int, set]] = []
+        for t in tokens:
+            rows = [self.samples * sum(s[0] == t for s in states) for states in plan]   # per block
+            calls = sum(r > 0 for r in rows)
+            if groups and sum(rows) * (t - groups[-1][0]) < self.call_tokens * calls:
+                groups[-1][1].add(t)
+            else:
+                groups.append((t, {t}))
+        return groups
+
+    def _run(self, kind: str, start: int, plan: list[list]) -> dict:
+        """Run the states of ``plan`` (per block, the distinct states after it) on positions [start, n).
+
+        A state's rows (one per noise sample) join at the first block its restoration changes,
+        from the cached corrupted input of that block (positions ≥ start; the earlier ones are the
+        corrupted run's, their keys/values cached). Returns state -> p(answer) after the last block.
+        """
+        L, S = self.arch.n_layers, self.samples
+        mod = self.arch.mlp if kind == "mlp" else self.arch.attn
+        held, h = [], None               # states after the previous block, their rows: (len(held) * S, n - start, d)
+        for k, new in enumerate(plan):
+            if not new:
+                continue
+            made = [s for s in new if kind == "hidden" and s[1] == (k,)]       # block k's corrupted output, restored
+            run = [s for s in new if not (kind == "hidden" and s[1] == (k,))]  # through block k
+            parts = []
+            if run:
+                at = {s: i for i, s in enumerate(held)}
+                x = []
+                for t, done in run:
+                    parent = (t, tuple(j for j in done if j < k))
+                    x.append(h[at[parent] * S:(at[parent] + 1) * S] if parent[1] else self.corrupted[k][:, start:])
+                x = torch.cat(x)                                            # (len(run) * S, n - start, d)
+                hit = [(i, t) for i, (t, done) in enumerate(run) if kind != "hidden" and k in done]
+                restore = None
+                if hit:    # the module output at token t, in the rows of these states
+                    rows = torch.tensor([i * S + r for i, _ in hit for r in range(S)], device=x.device)
+                    toks = torch.tensor([t for _, t in hit], device=x.device).repeat_interleave(S)
+                    restore = (mod(k), rows, toks, self.clean[(kind, k)][toks])
+                if k < L - 1:
+                    parts.append(self.run_block(k, x, start, restore=restore))
+                else:      # only the last position is read from the last block
+                    parts.append(self.run_last_block(x, start, restore))
+            for t, _ in made:
+                y = self.corrupted[k + 1][:, start:].clone()                # (S, n - start, d)
+                y[:, t - start] = self.clean[("hidden", k)][t].to(y.dtype)
+                parts.append(y if k < L - 1 else y[:, -1:])
+            held, h = run + made, torch.cat(parts)
+        logits = self.arch.unembed(self.arch.final_norm(h[:, -1]))         # (len(held) * S, vocab)
+        p = logits.float().softmax(-1)[:, self.answer_id].view(len(held), S).mean(1).tolist()
+        return dict(zip(held, p))
 
     def trace(self, kind: str = "hidden", window: int = 10) -> TraceResult:
         """The full (n_tokens, n_layers) grid for one kind, in batches of at most ``max_batch`` rows."""
         L, n = self.arch.n_layers, self.n
-        cells = [(t, l) for l in range(L) for t in range(n)]
+        cells = [(t, l) for t in range(n) for l in range(L)]
         per = max(1, self.max_batch // self.samples)     # cells per batch
-        scores = torch.cat([self.restored(kind, cells[i:i + per], window).cpu() for i in range(0, len(cells), per)])
-        return TraceResult(scores.view(L, n).T.contiguous(), self.low_score, self.high_score, self.subject_range,
+        scores = torch.cat([self.restored(kind, cells[i:i + per], window) for i in range(0, len(cells), per)])
+        return TraceResult(scores.view(n, L), self.low_score, self.high_score, self.subject_range,
                            self.tokens, self.answer, self.answer_id, kind, self.noise, self.samples,
                            1 if kind == "hidden" else window)
 

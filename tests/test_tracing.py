@@ -81,6 +81,45 @@ def test_fast_equals_reference(family_model, kind):
     assert (fast.scores - ref).abs().max() <= 1e-5, family
     # the restorations must matter somewhere, or the comparison proves nothing
     assert (ref - low).abs().max() > 1e-4
+    # the same through the tracer's other paths: one group per token (every token's rows compute
+    # only the positions from it on, earlier keys/values from the cache), and no cache at all
+    # (every position computed: the fallback for models whose blocks cannot be cut)
+    tr = tracing.Tracer(model, tok, PROMPT, SUBJECT, noise=0.5, samples=4, eps=eps)
+    assert tr.split, f"{family}: blocks should run on the last positions only"
+    tr.call_tokens = 0
+    assert (tr.trace(kind, window).scores - ref).abs().max() <= 1e-5, family
+    tr.split = False
+    assert (tr.trace(kind, window).scores - ref).abs().max() <= 1e-5, family
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
+def test_sdpa_equals_reference(family):
+    """sdpa passes blocks no mask (causal by default): the tracer must build one for the last positions."""
+    model, tok, arch = tiny(family, n_layers=4)
+    model.set_attn_implementation("sdpa")
+    b, e = subject_token_range(tok, PROMPT, SUBJECT)
+    eps = tracing.sample_noise(3, e - b, arch.d_model, seed=4)
+    tr = tracing.Tracer(model, tok, PROMPT, SUBJECT, noise=0.5, samples=3, eps=eps)
+    assert tr.split
+    tr.call_tokens = 0
+    for kind in tracing.KINDS:
+        ref, *_ = reference_trace(model, tok, PROMPT, SUBJECT, kind, 0.5, eps, 3)
+        assert (tr.trace(kind, 3).scores - ref).abs().max() <= 1e-5, (family, kind)
+
+
+def test_long_prompt_small_batches_and_any_cells_equal_reference():
+    """Subject mid-prompt, several tokens after it; cells split over many batches; arbitrary cell lists."""
+    model, tok, arch = tiny("gpt2", n_layers=5)
+    prompt, subject = "the queen of anna berg was born in the city of", "anna berg"
+    b, e = subject_token_range(tok, prompt, subject)
+    eps = tracing.sample_noise(3, e - b, arch.d_model, seed=5)
+    tr = tracing.Tracer(model, tok, prompt, subject, noise=0.5, samples=3, eps=eps, max_batch=3 * 7)
+    for kind in tracing.KINDS:
+        ref, low, *_ = reference_trace(model, tok, prompt, subject, kind, 0.5, eps, 4)
+        assert (tr.trace(kind, 4).scores - ref).abs().max() <= 1e-5, kind
+        cells = [(e, 1), (0, 2), (e, 1), (tr.n - 1, 4), (b, 0)]
+        assert torch.allclose(tr.restored(kind, cells, 4), torch.stack([ref[c] for c in cells]), atol=1e-5)
+        assert (ref[:b] - low).abs().max() <= 1e-5    # before the subject nothing changes
 
 
 def test_default_window_and_given_answer_equal_reference():
