@@ -63,15 +63,26 @@ def seed_everything(seed: int = 0) -> None:
         pass
 
 
+def cpu_threads() -> int:
+    """Threads for torch on CPU: ``$KVLAB_THREADS`` if set; 1 on machines with ≤ 2 cores (the course's
+    models are small, and two threads on a shared 2-core CI box were measured 10-30× slower under
+    load); else torch's default, capped at the core count."""
+    if os.environ.get("KVLAB_THREADS"):
+        return max(1, int(os.environ["KVLAB_THREADS"]))
+    cores = os.cpu_count() or 1
+    if cores <= 2 and not torch.cuda.is_available():
+        return 1
+    return min(torch.get_num_threads(), cores)
+
+
 def setup(seed: int = 0, quiet: bool = False) -> Environment:
     """Shared first cell of every notebook: seed, detect the environment, print it.
 
-    Installs nothing: kvlab is already importable when this runs (on Colab the notebook's
+    Sets torch's CPU threads (:func:`cpu_threads`). Installs nothing: kvlab is already importable when this runs (on Colab the notebook's
     first cell pip-installs kvlab only if ``import kvlab`` fails).
     """
     seed_everything(seed)
-    if torch.get_num_threads() > (os.cpu_count() or 1):
-        torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_threads())
     env = environment()
     if not quiet:
         print(env)
