@@ -10,9 +10,11 @@ sentences scores all of their prefixes at once::
     index.triggers(3, key=17, n=5)          # [(prefix text, coefficient), ...]
     index.next_token(3, 17, 0)              # token id that followed the top trigger
 
-Mining keeps a running top-k per key: after every batch the (k + batch_tokens)
-candidates of all keys are merged with one ``torch.topk`` along the candidate axis, so
-memory is O(k · d_ff) per layer whatever the corpus size.
+Mining keeps a running top-k per key (:class:`RunningTopK`), memory O(k · d_ff) per layer
+whatever the corpus size. A prefix can only enter a key's top-k if its coefficient beats
+the key's current k-th best, and after the first batches almost none do, so each batch
+contributes only its few *entrants* (value > threshold) per key. They are collected in a
+small per-key buffer, and merged with one ``torch.topk`` when a key's buffer is full.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import adapter, check_tokenizer, model_device
-from .hooks import capture, patch
+from .hooks import first as first_arg, hooks, patch
 from .text import ensure_pad
 
 
@@ -145,6 +147,116 @@ def _special_ids(tok) -> torch.Tensor:
     return torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
 
 
+class RunningTopK:
+    """Running top-``k`` candidates of every key of one layer, in O(k · d_ff) memory.
+
+    Feed batches with :meth:`add`; :meth:`result` gives each key's best coefficients,
+    (d_ff, k) descending (``-inf`` where a key has seen fewer than k candidates), and the
+    matching candidate codes (``-1`` for none). It equals a top-k over all candidates at
+    once (ties aside: which of equal candidates are kept may differ).
+
+    Only *entrants*, candidates strictly above a key's k-th best at the last merge
+    (``thr``), can change its top-k, and after the first batches they are rare (~1% of a
+    batch's tokens per key). So a batch only appends its entrants (key, value, code) to
+    a buffer, and the buffer is merged into the top-k, with one ``torch.topk`` over
+    (d_ff, k + most entrants of a key), once a key has more than ``buffer`` (default 2k)
+    entrants in it: every few batches rather than a topk over (d_ff, k + batch tokens)
+    per batch. While more than 1/16 of a batch's candidates are entrants (the first
+    batches), whole batches are merged directly. Memory: (d_ff, k + buffer + batch
+    tokens) at most.
+    """
+
+    def __init__(self, d_ff: int, k: int, device, buffer: int | None = None):
+        self.k, self.d_ff = k, d_ff
+        self.cap = 2 * k if buffer is None else buffer
+        self.dense = True       # merge whole batches while > 1/dense_share of the candidates enter
+        self.dense_share = 16
+        self.values = torch.full((d_ff, k), float("-inf"), device=device)        # (d_ff, k) unordered
+        self.codes = torch.full((d_ff, k), -1, dtype=torch.long, device=device)  # (d_ff, k)
+        self.thr = self.values[:, -1].clone()                                   # (d_ff,) k-th best = min
+        self.buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []    # (key, value, code), (P,) each
+        self.fill = torch.zeros(d_ff, dtype=torch.long, device=device)          # (d_ff,) buffered per key
+
+    @torch.no_grad()
+    def add(self, m: torch.Tensor, valid: torch.Tensor, codes: torch.Tensor) -> None:
+        """Offer every valid position of a batch as a candidate of every key.
+
+        m: (B, T, d_ff) coefficients; valid: (B, T) bool, the positions to score;
+        codes: (B, T) long, the candidate code of each position.
+        """
+        m = m.reshape(-1, self.d_ff).contiguous()                        # (B*T, d_ff)
+        valid, codes = valid.reshape(-1), codes.reshape(-1)              # (B*T,)
+        if self.dense:
+            # Many entrants (the first batches): one topk over the whole batch is cheaper.
+            mv = m[valid]                                                # (N, d_ff)
+            entrants = float(torch.gt(mv, self.thr, out=torch.empty_like(mv)).sum())
+            self.dense = entrants > mv.numel() / self.dense_share       # still many: next one too
+            self._merge(mv.T.float(), codes[valid].expand(self.d_ff, -1))  # (d_ff, N)
+            return
+        # 1.0 where an entrant. (On CPU a comparison into a float tensor then a cast to bool
+        # is ~3x faster than a comparison into a bool tensor.)
+        above = torch.gt(m, self.thr, out=torch.empty_like(m)).mul_(valid[:, None])  # (B*T, d_ff)
+        flat = _flat_nonzero(above.bool())                               # (P,) entrants, index into m
+        self.dense = flat.numel() > above.numel() / self.dense_share
+        key = flat % self.d_ff                                           # (P,)
+        self.buf.append((key, m.view(-1)[flat].float(), codes[flat // self.d_ff]))      # (P,) each
+        self.fill += torch.bincount(key, minlength=self.d_ff)
+        if int(self.fill.max()) > self.cap:
+            self.flush()
+
+    @torch.no_grad()
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values and codes of every key's top-k so far, (d_ff, k) each, by descending value."""
+        self.flush()
+        values, order = self.values.sort(dim=1, descending=True)                 # (d_ff, k)
+        return values, self.codes.gather(1, order)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Merge the buffered entrants into the top-k."""
+        if not self.buf:
+            return
+        key, val, code = (torch.cat(x) for x in zip(*self.buf))          # (P,) each
+        key, order = key.sort()                                          # (P,) grouped by key
+        count = self.fill                                                # (d_ff,) entrants per key
+        rank = torch.arange(key.numel(), device=key.device) - (count.cumsum(0) - count)[key]  # (P,) within key
+        width = int(count.max())
+        cand_v = torch.full((self.d_ff, width), float("-inf"), device=val.device)        # (d_ff, width)
+        cand_c = torch.full((self.d_ff, width), -1, dtype=torch.long, device=val.device)  # (d_ff, width)
+        cand_v[key, rank] = val[order]
+        cand_c[key, rank] = code[order]
+        self._merge(cand_v, cand_c)
+        self.buf = []
+        self.fill = torch.zeros_like(self.fill)
+
+    def _merge(self, cand_v: torch.Tensor, cand_c: torch.Tensor) -> None:
+        """Top-k of the kept and the new candidates, values and codes (d_ff, C), per key."""
+        k = self.k
+        # Unsorted: ~3x faster than a sorted topk here; result() sorts once at the end.
+        cand_v = torch.cat([self.values, cand_v], dim=1)                            # (d_ff, k + C)
+        self.values, top = cand_v.topk(k, dim=1, sorted=False)                      # (d_ff, k)
+        # Candidates < k are the kept ones, the others index the new ones.
+        kept = self.codes.gather(1, top.clamp(max=k - 1))                           # (d_ff, k)
+        new = cand_c.gather(1, (top - k).clamp(min=0))                              # (d_ff, k)
+        self.codes = torch.where(top < k, kept, new)
+        self.thr = self.values.amin(dim=1)                                          # (d_ff,)
+
+
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """``mask.view(-1).nonzero()[:, 0]`` for a new contiguous bool ``mask``, few True entries.
+
+    Faster on CPU (~3x at 0.5% True): the mask is scanned 8 entries at a time, viewed as
+    int64 words, and only the nonzero words are unpacked.
+    """
+    flags = mask.view(-1)                                                # (n,)
+    if flags.numel() % 8:
+        return flags.nonzero()[:, 0]
+    words = flags.view(torch.int64)                                      # (n/8,) 8 flags each
+    w = words.nonzero()[:, 0]                                            # (W,) words with a flag
+    j, b = words[w].view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)  # (P,) word j, byte b
+    return w[j] * 8 + b                                                  # (P,)
+
+
 @torch.no_grad()
 def mine_triggers(model, tok, texts: list[str], layers: int | list[int] | None = None, k: int = 50,
                   batch_size: int = 64, max_len: int | None = None, unique: bool = False,
@@ -169,36 +281,42 @@ def mine_triggers(model, tok, texts: list[str], layers: int | list[int] | None =
     T = max(len(x) for x in ids)
     special = _special_ids(tok).to(device)
     d_ff = arch.d_ff
-    best_v = {l: torch.full((d_ff, k), float("-inf"), device=device) for l in ls}   # (d_ff, k)
-    best_c = {l: torch.full((d_ff, k), -1, dtype=torch.long, device=device) for l in ls}  # (d_ff, k) codes
+    tops = {l: RunningTopK(d_ff, k, device) for l in ls}
     first = first_occurrences(ids) if unique else None
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     body = getattr(model, "base_model", model)  # the LM head's logits are not needed
     n_prefixes = 0
     chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    with capture(model, {f"m{l}": arch.value_module(l) for l in ls}, what="input") as store:
+    batch: dict[str, torch.Tensor] = {}
+
+    def offer(layer):   # pre-hook of the value projection: its input m is the coefficients
+        def hook(module, args):
+            tops[layer].add(first_arg(args), batch["valid"], batch["codes"])                # (B, Tb, d_ff)
+        return hook
+
+    # The batch is merged while the forward runs, layer by layer: m is still in the cache
+    # and is freed as in a plain forward.
+    handles = [arch.value_module(l).register_forward_pre_hook(offer(l)) for l in ls]
+    with hooks(handles):
         for chunk in tqdm(chunks, desc="mining triggers", disable=not progress):
             input_ids, mask = pad_batch([ids[i] for i in chunk], tok.pad_token_id, device)  # (B, Tb)
-            body(input_ids=input_ids, attention_mask=mask)
             valid = mask.bool() & ~torch.isin(input_ids, special)                          # (B, Tb)
             if first is not None:
                 valid &= pad_batch([first[i] for i in chunk], 0, device)[0].bool()
-            sent = torch.tensor(chunk, device=device)[:, None]                             # (B, 1)
-            codes = (sent * T + torch.arange(input_ids.shape[1], device=device))[valid]    # (N,)
-            n = codes.numel()
+            n = int(valid.sum())
             n_prefixes += n
             if n == 0:
                 continue
-            for l in ls:
-                m = store[f"m{l}"][valid].T.float()                                      # (d_ff, N)
-                cand_v = torch.cat([best_v[l], m], dim=1)                                 # (d_ff, k + N)
-                best_v[l], top = cand_v.topk(k, dim=1)                                    # (d_ff, k)
-                # Candidates < k are the kept ones, the others index this batch's codes.
-                kept = best_c[l].gather(1, top.clamp(max=k - 1))                          # (d_ff, k)
-                best_c[l] = torch.where(top < k, kept, codes[(top - k).clamp(min=0)])
-    sentence = {l: torch.where(best_c[l] >= 0, best_c[l] // T, -1).cpu() for l in ls}
-    position = {l: torch.where(best_c[l] >= 0, best_c[l] % T, -1).cpu() for l in ls}
-    values = {l: best_v[l].cpu() for l in ls}
+            sent = torch.tensor(chunk, device=device)[:, None]                             # (B, 1)
+            batch["valid"] = valid
+            batch["codes"] = sent * T + torch.arange(input_ids.shape[1], device=device)     # (B, Tb)
+            body(input_ids=input_ids, attention_mask=mask)
+    values, sentence, position = {}, {}, {}
+    for l in ls:
+        v, c = tops[l].result()                                                            # (d_ff, k)
+        values[l] = v.cpu()
+        sentence[l] = torch.where(c >= 0, c // T, -1).cpu()
+        position[l] = torch.where(c >= 0, c % T, -1).cpu()
     return TriggerIndex(tuple(ls), k, values, sentence, position, ids, list(texts), n_prefixes, tok)
 
 

@@ -161,3 +161,84 @@ def test_unique_scores_each_distinct_prefix_once():
         assert len(set(got)) == 5
     # The planted key's top trigger is the same prefix either way.
     assert uniq.prefix(0, KEY, 0).endswith("piano") and plain.prefix(0, KEY, 0).endswith("piano")
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts of the sparse path (entrant extraction) and of buffer merges in RunningTopK."""
+    calls = {"sparse": 0, "flush": 0}
+    nonzero, flush = triggers._flat_nonzero, triggers.RunningTopK.flush
+
+    def counted_nonzero(mask):
+        calls["sparse"] += 1
+        return nonzero(mask)
+
+    def counted_flush(self):
+        calls["flush"] += bool(self.buf)
+        flush(self)
+
+    monkeypatch.setattr(triggers, "_flat_nonzero", counted_nonzero)
+    monkeypatch.setattr(triggers.RunningTopK, "flush", counted_flush)
+    return calls
+
+
+@pytest.mark.parametrize("d_ff", [37, 40])      # 37: the plain nonzero fallback (size not a multiple of 8)
+@pytest.mark.parametrize("ties", [False, True])
+def test_running_topk_equals_topk_over_all_candidates(spy, d_ff, ties):
+    """The buffered, threshold-filtered merge equals one topk over every candidate at once."""
+    g = torch.Generator().manual_seed(d_ff)
+    k = 5
+    top = triggers.RunningTopK(d_ff, k, "cpu", buffer=3)
+    seen_v, seen_c, n = [], [], 0
+    for b in range(60):
+        B, T = (int(x) for x in torch.randint(1, 7, (2,), generator=g))
+        m = torch.randn(B, T, d_ff, generator=g) + 0.03 * b            # drift: entrants until the end
+        if ties:
+            m = (2 * m).round() / 2                                        # many equal coefficients
+        valid = torch.rand(B, T, generator=g) > 0.2
+        codes = n + torch.arange(B * T).view(B, T)
+        n += B * T
+        top.add(m, valid, codes)
+        seen_v.append(m[valid])                                            # (N, d_ff)
+        seen_c.append(codes[valid])
+    values, codes = top.result()                                           # (d_ff, k)
+    cand = torch.cat(seen_v)                                               # (n_valid, d_ff)
+    row = {c: i for i, c in enumerate(torch.cat(seen_c).tolist())}
+    assert torch.equal(values, cand.T.topk(k, dim=1).values)
+    for key in range(d_ff):        # k distinct valid candidates, each with its stored value
+        assert len(set(codes[key].tolist())) == k
+        assert all(cand[row[int(c)], key] == v for c, v in zip(codes[key], values[key]))
+    assert spy["sparse"] > 10 and spy["flush"] > 3                        # both paths were taken
+
+
+def test_running_topk_with_fewer_candidates_than_k():
+    top = triggers.RunningTopK(8, 4, "cpu")
+    top.add(torch.randn(1, 3, 8), torch.tensor([[True, False, True]]), torch.tensor([[7, 8, 9]]))
+    values, codes = top.result()
+    assert torch.isinf(values[:, 2:]).all() and (codes[:, 2:] == -1).all()
+    assert set(codes[:, :2].flatten().tolist()) == {7, 9}
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (5, 40), (3, 7), (64, 33)])
+@pytest.mark.parametrize("p", [0.0, 0.01, 0.3, 1.0])
+def test_flat_nonzero(shape, p):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) < p
+    assert torch.equal(triggers._flat_nonzero(mask), mask.view(-1).nonzero()[:, 0])
+
+
+def test_miner_equals_brute_force_on_a_longer_stream(spy):
+    """Enough batches that the miner buffers entrants (the sparse path), still exact."""
+    model, tok, arch = tiny("gpt2")
+    texts = corpus(n=120, seed=3)
+    index = triggers.mine_triggers(model, tok, texts, layers=[0, 2], k=3, batch_size=3)
+    assert spy["sparse"] > 0 and spy["flush"] > 0
+    ids = triggers.tokenize_corpus(tok, texts)
+    special = set(tok.all_special_ids)
+    prefixes = [s[: p + 1] for s in ids for p in range(len(s)) if s[p] not in special]
+    for layer in (0, 2):
+        m = triggers.last_coefficients(model, tok, prefixes, layer, batch_size=64)   # (n_prefixes, d_ff)
+        torch.testing.assert_close(index.values[layer], m.T.topk(3, dim=1).values, atol=1e-4, rtol=1e-4)
+        for key in range(0, arch.d_ff, 7):
+            for j in range(3):
+                c = m[prefixes.index(index.prefix_ids(layer, key, j)), key]
+                assert abs(float(c) - index.coefficient(layer, key, j)) < 1e-4
