@@ -54,7 +54,7 @@ def forward_pass(model, tok, texts: list[str], batch_size: int, lm_head: bool = 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     body = model if lm_head else getattr(model, "base_model", model)
     for i in range(0, len(order), batch_size):
-        input_ids, mask = triggers.pad_batch([ids[j] for j in order[i: i + batch_size]], tok.pad_token_id, device)
+        input_ids, mask = kvlab.text.pad_batch([ids[j] for j in order[i: i + batch_size]], tok.pad_token_id, device)
         body(input_ids=input_ids, attention_mask=mask)
 
 

@@ -34,6 +34,23 @@ def ensure_pad(tok) -> None:
     tok.padding_side = "right"
 
 
+def pad_batch(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token-id lists: ``input_ids`` (B, T) and ``attention_mask`` (B, T)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_rows(model, tok, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pad_batch` with the tokenizer's pad token, on the model's device."""
+    ensure_pad(tok)
+    return pad_batch(rows, tok.pad_token_id, model_device(model))
+
+
 def encode(model, tok, prompts: str | list[str], device=None) -> Batch:
     """Tokenise prompts into a right-padded batch on the model's device."""
     if isinstance(prompts, str):

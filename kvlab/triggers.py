@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .arch import adapter, check_tokenizer, model_device
 from .hooks import first as first_arg, hooks, patch
-from .text import ensure_pad
+from .text import ensure_pad, pad_batch
 
 
 @dataclass
@@ -107,17 +107,6 @@ def tokenize_corpus(tok, texts: list[str], max_len: int | None = None) -> list[l
     if any(len(x) == 0 for x in ids):
         raise ValueError("a text tokenised to zero tokens")
     return [list(x) for x in ids]
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists: ``input_ids`` (B, T) and ``attention_mask`` (B, T)."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def first_occurrences(ids: list[list[int]]) -> list[list[int]]:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..arch import adapter
-from ..text import token_ids
+from ..text import pad_rows, token_ids
 from .base import EditRequest, WeightEdit, param_name, recording
-from .rome import _batch, default_layer
+from .rome import default_layer
 
 TARGETS = ("keys", "values")
 
@@ -80,7 +80,7 @@ def finetune_edit(model, tok, request: EditRequest | dict, target: str = "values
         pid = tok(p)["input_ids"]
         rows.append(pid + tgt[:-1])
         pos.append([len(pid) - 1 + j for j in range(len(tgt))])
-    ids, mask = _batch(model, tok, rows)
+    ids, mask = pad_rows(model, tok, rows)
     pos_t = torch.tensor(pos, device=ids.device)                      # (n, n_tgt)
     tgt_t = torch.tensor(tgt, device=ids.device).expand(len(rows), -1)  # (n, n_tgt)
     b_idx = torch.arange(len(rows), device=ids.device)[:, None]

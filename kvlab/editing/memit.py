@@ -38,9 +38,10 @@ from tqdm.auto import tqdm
 from ..arch import adapter
 from ..hooks import capture
 from ..loading import is_builtin
+from ..text import pad_rows
 from .base import EditRequest, WeightEdit, param_name, recording
 from .covariance import key_covariance, solve
-from .rome import _batch, _prompt_rows, compute_key, compute_value, context_templates, value_at
+from .rome import prompt_rows, compute_key, compute_value, context_templates, value_at
 
 # Layer ranges and λ from the paper (REFERENCE.md), keyed by the model's hub name.
 PAPER_LAYERS = {"gpt2-xl": (13, 14, 15, 16, 17), "gpt-j-6b": (3, 4, 5, 6, 7, 8)}
@@ -161,7 +162,7 @@ def keys_and_residuals(model, tok, requests: list[EditRequest], layer: int, last
     rows, idx, owner = [], [], []   # owner: (request index, is_bare_prompt)
     for i, req in enumerate(requests):
         for ts, bare in ((templates, False), (["{}"], True)):
-            r, s = _prompt_rows(tok, req, ts)
+            r, s = prompt_rows(tok, req, ts)
             rows += r
             idx += s
             owner += [(i, bare)] * len(r)
@@ -170,7 +171,7 @@ def keys_and_residuals(model, tok, requests: list[EditRequest], layer: int, last
     counts = torch.zeros(n, dtype=torch.float64)
     h = torch.zeros(n, arch.d_model, dtype=torch.float64)
     for a in range(0, len(rows), batch_rows):
-        ids, mask = _batch(model, tok, rows[a:a + batch_rows])
+        ids, mask = pad_rows(model, tok, rows[a:a + batch_rows])
         pos = torch.tensor(idx[a:a + batch_rows], device=ids.device)
         with capture(model, {"k": arch.value_module(layer)}, what="input") as ins, \
                 capture(model, {"h": arch.layer(last_layer)}) as outs:

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import model_device
-from ..text import encode, ensure_pad, token_ids
+from ..text import encode, ensure_pad, pad_rows, token_ids
 from .base import EditRequest, WeightEdit, as_record
 
 
@@ -47,8 +47,6 @@ def target_nll(model, tok, prompts: list[str], targets: list[str], batch_size: i
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    ensure_pad(tok)
-    dev = model_device(model)
     nll, acc = torch.zeros(len(prompts)), torch.zeros(len(prompts))
     for i in range(0, len(prompts), batch_size):
         rows, pos, tgts = [], [], []
@@ -57,12 +55,8 @@ def target_nll(model, tok, prompts: list[str], targets: list[str], batch_size: i
             rows.append(pid + tid[:-1])
             pos.append([len(pid) - 1 + j for j in range(len(tid))])
             tgts.append(tid)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), 1
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits  # (b, seq, vocab)
+        ids, mask = pad_rows(model, tok, rows)                              # (b, seq) x2
+        logits = model(input_ids=ids, attention_mask=mask).logits           # (b, seq, vocab)
         for b in range(len(rows)):
             lp = logits[b, pos[b]].float().log_softmax(-1).cpu()   # (n_tgt, vocab)
             t = torch.tensor(tgts[b])

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..arch import adapter, model_device
 from ..hooks import capture, patch
 from ..loading import is_builtin
-from ..text import ensure_pad, subject_token_range, token_ids
+from ..text import ensure_pad, pad_rows, subject_token_range, token_ids
 from .base import EditRequest, WeightEdit, param_name, recording
 from .covariance import key_covariance, solve
 
@@ -141,20 +141,7 @@ def _fill(template: str, request: EditRequest) -> tuple[str, int]:
     return text, pre + request.prompt.index("{}")
 
 
-def _batch(model, tok, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token-id lists: input_ids (n, seq), attention_mask (n, seq)."""
-    ensure_pad(tok)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    dev = model_device(model)
-    return ids.to(dev), mask.to(dev)
-
-
-def _prompt_rows(tok, request: EditRequest, templates: list[str]) -> tuple[list[list[int]], list[int]]:
+def prompt_rows(tok, request: EditRequest, templates: list[str]) -> tuple[list[list[int]], list[int]]:
     """Token ids of each template filled with the request's prompt, and the subject's last index."""
     rows, idx = [], []
     for t in templates:
@@ -172,8 +159,8 @@ def _prompt_rows(tok, request: EditRequest, templates: list[str]) -> tuple[list[
 def compute_key(model, tok, request: EditRequest, layer: int, templates: list[str]) -> torch.Tensor:
     """k* (d_ff,): input of the value projection at the subject's last token, averaged over templates."""
     arch = adapter(model)
-    rows, idx = _prompt_rows(tok, request, templates)
-    ids, mask = _batch(model, tok, rows)
+    rows, idx = prompt_rows(tok, request, templates)
+    ids, mask = pad_rows(model, tok, rows)
     with capture(model, {"k": arch.value_module(layer)}, what="input") as st:
         model(input_ids=ids, attention_mask=mask)
     k = st["k"][torch.arange(len(rows)), torch.tensor(idx)]  # (n_templates, d_ff)
@@ -203,7 +190,7 @@ def compute_value(model, tok, request: EditRequest, layer: int, templates: list[
     arch = adapter(model)
     module = arch.value_module(layer)
     tgt = token_ids(tok, request.target_new)
-    rows, idx = _prompt_rows(tok, request, templates)
+    rows, idx = prompt_rows(tok, request, templates)
     n_rw = len(rows)
     kl_text = kl_prompt.replace("{}", request.subject)
     rows.append(tok(kl_text)["input_ids"])
@@ -211,7 +198,7 @@ def compute_value(model, tok, request: EditRequest, layer: int, templates: list[
     # rewrite rows: prompt + target[:-1]; the target token j is predicted at len(prompt)-1+j
     tgt_pos = [[len(r) - 1 + j for j in range(len(tgt))] for r in rows[:n_rw]]
     rows = [r + tgt[:-1] for r in rows[:n_rw]] + rows[n_rw:]
-    ids, mask = _batch(model, tok, rows)
+    ids, mask = pad_rows(model, tok, rows)
     dev = ids.device
     b_idx = torch.arange(len(rows), device=dev)
     s_idx = torch.tensor(idx, device=dev)
