@@ -78,8 +78,9 @@ def cpu_threads() -> int:
 def setup(seed: int = 0, quiet: bool = False) -> Environment:
     """Shared first cell of every notebook: seed, detect the environment, print it.
 
-    Sets torch's CPU threads (:func:`cpu_threads`). Installs nothing: kvlab is already importable when this runs (on Colab the notebook's
-    first cell pip-installs kvlab only if ``import kvlab`` fails).
+    Sets torch's CPU threads (:func:`cpu_threads`). Installs nothing: kvlab is already importable
+    when this runs (on Colab the notebook's first cell pip-installs kvlab only if ``import kvlab``
+    fails).
     """
     seed_everything(seed)
     torch.set_num_threads(cpu_threads())

@@ -274,8 +274,8 @@ def apply_rome(model, tok, request: EditRequest | dict, layer: int | None = None
 
     ``request``: an :class:`EditRequest` or a CounterFact record. ``cov``: C for the layer
     (computed from the world corpus and cached when None). ``overrides`` set fields of
-    :class:`ROMEConfig` (e.g. ``v_steps=40``); the default config is :func:`default_config`. The edit's ``info`` holds k*, v*, u, the layer
-    and the optimisation log.
+    :class:`ROMEConfig` (e.g. ``v_steps=40``) of :func:`default_config`. The edit's ``info`` holds
+    k*, v*, u, the layer and the optimisation log.
     """
     if not isinstance(request, EditRequest):
         request = EditRequest.from_counterfact(request)

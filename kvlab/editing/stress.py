@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from ..arch import adapter
 from .base import EditRequest, WeightEdit, as_record, current_answer_ids, param_name, undo_all
 from .covariance import key_covariance
-from .memit import MEMITConfig, apply_memit, as_requests, check_layers, compute_targets, default_config, default_lambda, \
-    default_layers
+from .memit import (MEMITConfig, apply_memit, as_requests, check_layers, compute_targets, default_config,
+                    default_lambda, default_layers)
 from .metrics import known_recall, record_scores, summarize
 from .rome import apply_rome, context_templates, default_layer
 from ..text import token_ids
