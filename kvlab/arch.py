@@ -218,6 +218,15 @@ class Adapter:
             raise IndexError(f"layer {l} out of range: the model has {n} layers (0..{n - 1})")
         return l % n
 
+    def check_layers(self, layers=None) -> list[int]:
+        """Sorted, distinct layer indices: ``None`` = all, an int or any iterable (negatives count from the end)."""
+        if layers is None:
+            return list(range(self.n_layers))
+        ls = [layers] if isinstance(layers, int) else list(layers)
+        if not ls:
+            raise ValueError("no layers given")
+        return sorted({self._check_layer(int(l)) for l in ls})
+
     def __repr__(self) -> str:
         return (f"Adapter(family={self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
                 f"d_ff={self.d_ff}, gated={self.family.gated}, parallel={self.parallel})")

@@ -22,15 +22,6 @@ from .text import encode
 from .vocab import decode_ids, to_logits, top_ids
 
 
-def _layers(arch, layers) -> list[int]:
-    if layers is None:
-        return list(range(arch.n_layers))
-    ls = [layers] if isinstance(layers, int) else list(layers)
-    if not ls:
-        raise ValueError("no layers given")
-    return sorted({arch._check_layer(l) for l in ls})
-
-
 def _prompts(prompts) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -48,7 +39,7 @@ def residual_stream(model, tok, prompts: list[str], layers=None, batch_size: int
     parallel blocks alike).
     """
     arch = adapter(model)
-    ls = _layers(arch, layers)
+    ls = arch.check_layers(layers)
     prompts = _prompts(prompts)
     mods_out = {**{f"b{l}": arch.layer(l) for l in ls}, **{f"f{l}": arch.mlp(l) for l in ls}}
     mods_in = {f"m{l}": arch.value_module(l) for l in ls}
@@ -87,7 +78,7 @@ class LogitLens:
 def logit_lens(model, tok, prompts: str | list[str], layers=None, batch_size: int = 64) -> LogitLens:
     """Read the residual after each layer through final norm + unembedding (the logit lens)."""
     arch = adapter(model)
-    ls = _layers(arch, layers)
+    ls = arch.check_layers(layers)
     prompts = _prompts(prompts)
     rs = residual_stream(model, tok, prompts, ls, batch_size)
     ids, probs = [], []
@@ -149,7 +140,7 @@ def composition_stats(model, tok, prompts: list[str], layers=None, batch_size: i
     ~1/3 of the time in low layers, ~95% at the top; changes are mostly compositions.
     """
     arch = adapter(model)
-    ls = _layers(arch, layers)
+    ls = arch.check_layers(layers)
     prompts = _prompts(prompts)
     rs = residual_stream(model, tok, prompts, ls, batch_size)
     final = rs["final"]

@@ -166,17 +166,6 @@ class Attribution:
         return [((int(i) // d_ff, int(i) % d_ff), float(v)) for v, i in zip(vals, idx)]
 
 
-def _layers(arch, layers) -> list[int]:
-    if layers is None:
-        return list(range(arch.n_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    out = sorted({arch._check_layer(int(l)) for l in layers})
-    if not out:
-        raise ValueError("layers is empty")
-    return out
-
-
 def _clean_run(model, batch: AnswerBatch, arch) -> tuple[torch.Tensor, float]:
     """Activations m at the last prompt position of every layer, (n_layers, d_ff), and p(answer)."""
     mods = {l: arch.value_module(l) for l in range(arch.n_layers)}
@@ -223,7 +212,7 @@ def attribute(model, tok, prompt: str, answer: str, layers: int | Sequence[int] 
     if batch_size < 1:
         raise ValueError(f"attribute: batch_size must be >= 1, got {batch_size}")
     arch = adapter(model)
-    ls = _layers(arch, layers)
+    ls = arch.check_layers(layers)
     batch = answer_batch(model, tok, prompt, answer)          # one row
     pos = int(batch.prompt_last[0])
     m_clean, p_full = _clean_run(model, batch, arch)           # (n_layers, d_ff)

@@ -123,15 +123,6 @@ def first_occurrences(ids: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def _layers(arch, layers) -> list[int]:
-    if layers is None:
-        return list(range(arch.n_layers))
-    ls = [layers] if isinstance(layers, int) else list(layers)
-    if not ls:
-        raise ValueError("no layers given")
-    return sorted({arch._check_layer(l) for l in ls})
-
-
 def _special_ids(tok) -> torch.Tensor:
     return torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
 
@@ -264,7 +255,7 @@ def mine_triggers(model, tok, texts: list[str], layers: int | list[int] | None =
     arch = adapter(model)
     check_tokenizer(model, tok)
     ensure_pad(tok)
-    ls = _layers(arch, layers)
+    ls = arch.check_layers(layers)
     ids = tokenize_corpus(tok, texts, max_len)
     device = model_device(model)
     T = max(len(x) for x in ids)

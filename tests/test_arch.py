@@ -26,6 +26,17 @@ def test_adapter_shapes(loaded):
     assert arch.final_norm is not None
 
 
+def test_check_layers(loaded):
+    _, _, arch = loaded                       # 3 layers
+    assert arch.check_layers() == [0, 1, 2]
+    assert arch.check_layers(-1) == [2]
+    assert arch.check_layers([2, 0, -1, 0]) == [0, 2]
+    with pytest.raises(ValueError, match="no layers given"):
+        arch.check_layers([])
+    with pytest.raises(IndexError, match="out of range: the model has 3 layers"):
+        arch.check_layers([0, 3])
+
+
 def test_value_matrix_is_a_view(loaded):
     model, tok, arch = loaded
     V = arch.value_matrix(1)
