@@ -27,6 +27,11 @@ def world_model_dir() -> Path:
     return Path(MODEL_DIR)
 
 
+def hub_name(model) -> str:
+    """The last part of the model's name or path, lower-cased ("gpt2-xl" for "openai-community/gpt2-xl")."""
+    return str(getattr(model.config, "_name_or_path", "")).lower().rstrip("/").split("/")[-1]
+
+
 def is_builtin(model) -> bool:
     """True for the built-in world model (loaded from ``data/world/model``)."""
     path = str(getattr(model.config, "_name_or_path", "")).rstrip("/")

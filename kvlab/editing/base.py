@@ -102,6 +102,15 @@ class EditRequest:
                              f"pick a different target_new")
 
 
+def configure(config, overrides: dict, where: str):
+    """Set ``overrides`` on the dataclass ``config`` (in place); an unknown field raises, naming ``where``."""
+    for k, v in overrides.items():
+        if not hasattr(config, k):
+            raise ValueError(f"{where}: unknown option {k!r}")
+        setattr(config, k, v)
+    return config
+
+
 def as_record(record) -> dict:
     """A record as a plain dict: dataclasses (``kvlab.data.EditCase``/``KnownFact``) are converted."""
     if dataclasses.is_dataclass(record) and not isinstance(record, type):

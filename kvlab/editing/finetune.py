@@ -23,7 +23,7 @@ import torch
 
 from ..arch import adapter
 from ..text import pad_rows, token_ids
-from .base import EditRequest, WeightEdit, param_name, recording
+from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .rome import default_layer
 
 TARGETS = ("keys", "values")
@@ -62,11 +62,7 @@ def finetune_edit(model, tok, request: EditRequest | dict, target: str = "values
     """
     if not isinstance(request, EditRequest):
         request = EditRequest.from_counterfact(request)
-    cfg = config or FTConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise ValueError(f"finetune_edit: unknown option {k!r}")
-        setattr(cfg, k, v)
+    cfg = configure(config or FTConfig(), overrides, "finetune_edit")
     arch = adapter(model)
     layers = [arch._check_layer(l) for l in (layers or cfg.layers or [default_layer(model)])]
     if check:

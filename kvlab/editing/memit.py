@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 
 from ..arch import adapter
 from ..hooks import capture
-from ..loading import is_builtin
+from ..loading import hub_name, is_builtin
 from ..text import pad_rows
-from .base import EditRequest, WeightEdit, param_name, recording
+from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .covariance import key_covariance, solve
 from .rome import prompt_rows, compute_key, compute_value, context_templates, value_at
 
@@ -83,15 +83,11 @@ def default_config(model) -> MEMITConfig:
     return MEMITConfig(**WORLD_CONFIG) if is_builtin(model) else MEMITConfig()
 
 
-def _hub_name(model) -> str:
-    return str(getattr(model.config, "_name_or_path", "")).lower().rstrip("/").split("/")[-1]
-
-
 def default_layers(model) -> tuple[int, ...]:
     """The layer range MEMIT edits: the paper's for GPT-2 XL / GPT-J, the built-in model's, else
     five layers (or fewer) ending at ~30 % depth, where causal tracing puts the MLP peak in GPT-2 XL."""
     arch = adapter(model)
-    name = _hub_name(model)
+    name = hub_name(model)
     if name in PAPER_LAYERS:
         return PAPER_LAYERS[name]
     if is_builtin(model):
@@ -102,7 +98,7 @@ def default_layers(model) -> tuple[int, ...]:
 
 def default_lambda(model) -> float:
     """λ: the paper's for GPT-2 XL / GPT-J, else ``LAMBDA_PER_DFF · d_ff`` (it scales like kᵀC⁻¹k ≈ d_ff)."""
-    name = _hub_name(model)
+    name = hub_name(model)
     if name in PAPER_LAMBDA:
         return PAPER_LAMBDA[name]
     if is_builtin(model):
@@ -264,11 +260,7 @@ def apply_memit(model, tok, requests, layers=None, lam: float | None = None,
     requests the model already satisfies. ``edit.info`` holds the layers, λ, z and, per layer,
     the residual norm before its update.
     """
-    cfg = config or default_config(model)
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise ValueError(f"apply_memit: unknown option {k!r}")
-        setattr(cfg, k, v)
+    cfg = configure(config or default_config(model), overrides, "apply_memit")
     requests = as_requests(requests)
     arch = adapter(model)
     layers = check_layers(model, layers if layers is not None else cfg.layers if cfg.layers is not None

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from ..arch import adapter, model_device
 from ..hooks import capture, patch
-from ..loading import is_builtin
+from ..loading import hub_name, is_builtin
 from ..text import ensure_pad, pad_rows, subject_token_range, token_ids
-from .base import EditRequest, WeightEdit, param_name, recording
+from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .covariance import key_covariance, solve
 
 # Editing layers from the papers (REFERENCE.md).
@@ -72,7 +72,7 @@ def default_config(model) -> ROMEConfig:
 def default_layer(model) -> int:
     """The editing layer: the papers' choice for known models, else the built-in model's (sweep in nb 07)."""
     arch = adapter(model)
-    name = str(getattr(model.config, "_name_or_path", "")).lower().rstrip("/").split("/")[-1]
+    name = hub_name(model)
     if name in PAPER_LAYERS:
         return PAPER_LAYERS[name]
     if is_builtin(model):
@@ -279,11 +279,7 @@ def apply_rome(model, tok, request: EditRequest | dict, layer: int | None = None
     """
     if not isinstance(request, EditRequest):
         request = EditRequest.from_counterfact(request)
-    cfg = config or default_config(model)
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise ValueError(f"apply_rome: unknown option {k!r}")
-        setattr(cfg, k, v)
+    cfg = configure(config or default_config(model), overrides, "apply_rome")
     arch = adapter(model)
     layer = arch._check_layer(layer if layer is not None else cfg.layer if cfg.layer is not None
                               else default_layer(model))
