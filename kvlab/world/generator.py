@@ -193,6 +193,9 @@ class World:
 
     def __post_init__(self):
         self._truth = {(f.subject, f.relation_id): f.object for f in self.facts}
+        self._objects: dict[str, list[str]] = {}
+        for f in self.facts:
+            self._objects.setdefault(f.subject, []).append(f.object)
 
     def object_of(self, subject: str, relation_id: str) -> str:
         """The true object of (subject, relation)."""
@@ -207,7 +210,7 @@ class World:
 
     def profile_sentence(self, person: str, rng: random.Random) -> Sentence:
         """The person's name followed by all their objects, shuffled: a profile line."""
-        objs = [f.object for f in self.facts if f.subject == person]
+        objs = list(self._objects[person])
         rng.shuffle(objs)
         return Sentence(f"{person} {' '.join(objs)}.", "profile", subject=person, objects=tuple(objs))
 
