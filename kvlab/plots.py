@@ -156,7 +156,7 @@ def causal_trace(result, ax=None, title: str | None = None, figsize=(5, 3.2)):
         title = (f"{TRACE_NAMES[result.kind]}{window}\nclean p={result.high_score:.3f}, "
                  f"corrupted p={result.low_score:.3f}")
     return heatmap(result.scores, row_labels=result.labels(), col_labels=list(range(n_layers)), ax=ax,
-                   title=title, xlabel=f"layer (restored at)", cmap=TRACE_CMAPS[result.kind],
+                   title=title, xlabel="layer (restored at)", cmap=TRACE_CMAPS[result.kind],
                    colorbar=f"p({result.answer.strip()})", vmin=result.low_score, figsize=figsize)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import adapter, model_device
+from .arch import adapter
 from .memory import decompose
 from .triggers import TriggerIndex
 

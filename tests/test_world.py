@@ -2,7 +2,6 @@
 import random
 
 import pytest
-import torch
 
 from kvlab.world import MODEL_DIR, build_world, world_tokenizer
 from kvlab.world.train import QUICK, TrainConfig, recall, train
