@@ -1,24 +1,38 @@
-# kvlab: two commands do everything on a fresh machine with Python >= 3.10.
+# kvlab: two commands do everything on a fresh machine with Python >= 3.11.
 #   make course   set up .venv, execute every notebook on the built-in model -> build/course/index.html
 #   make test     set up .venv, run the unit tests
+# Both install exactly the versions CI tested: requirements.lock (see `make lock`).
+#   make compat         the unit tests and notebooks 00 and 05 at the floor versions of pyproject.toml
+#                       (requirements-floor.lock) and at the newest versions the registry has
+#   make compat-floor   the floor half alone (CI runs it)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+LOCK   ?= requirements.lock
+FLOOR  ?= requirements-floor.lock
 # torch is installed first, pinned, so pip does not pull a multi-GB CUDA build on CPU machines.
-# On a GPU machine: make test TORCH="torch" (or any CUDA build you prefer).
+# On a GPU machine: make test TORCH="torch" (or any CUDA build you prefer). The locks pin torch's
+# dependencies, never torch itself.
 TORCH  ?= torch==2.13.0
+PIP    := python -m pip install -q --disable-pip-version-check
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup test course course-check clean
+.PHONY: setup test course course-check compat compat-floor compat-newest lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
-	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+# A venv at $(1) with $(TORCH) and kvlab[dev], under the constraints file $(2) (none: newest versions).
+define make_venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/$(PIP) $(if $(2),-c $(2)) "$(TORCH)"
+	$(1)/bin/$(PIP) $(if $(2),-c $(2)) -e ".[dev]"
+	$(1)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+endef
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	$(call make_venv,$(VENV),$(LOCK))
 	touch $@
 
 test: setup
@@ -29,6 +43,35 @@ course: setup
 
 course-check: setup
 	$(BIN)/python -m kvlab.course check
+
+# The unit tests and notebooks 00 and 05 in a second venv: floor = the lowest versions pyproject.toml
+# allows (requirements-floor.lock); newest = whatever the registry serves today (no lock).
+compat: compat-floor compat-newest
+
+compat-floor compat-newest: compat-%:
+	$(call make_venv,.venv-$*,$(if $(filter floor,$*),$(FLOOR)))
+	.venv-$*/bin/python -c "import torch, transformers, tokenizers, peft, numpy; \
+	  print('$*:', 'torch', torch.__version__, 'transformers', transformers.__version__, \
+	  'tokenizers', tokenizers.__version__, 'peft', peft.__version__, 'numpy', numpy.__version__)"
+	.venv-$*/bin/python -m pytest -q -p no:cacheprovider
+	.venv-$*/bin/python -m kvlab.course run --quiet --no-html --only 00 05 --out build/compat-$*
+
+# Regenerate both locks with uv (installed into build/uv). The lock: the newest versions that resolve,
+# for CPython 3.11 on Linux x86-64 (used as constraints, so other platforms add what they need).
+# The floor: the lowest version of every direct dependency (uv's lowest-direct). Both are resolved
+# against the CPU build of torch, so that no CUDA packages enter them; LOCK_SOURCES says where that
+# build is (elsewhere: LOCK_SOURCES="--extra-index-url https://download.pytorch.org/whl/cpu
+# --index-strategy unsafe-best-match").
+LOCK_TORCH   ?= torch==2.13.0+cpu
+LOCK_SOURCES ?= --find-links /opt/wheels
+LOCK_ARGS = pyproject.toml --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	$(LOCK_SOURCES) --override build/lock-torch.txt --no-emit-package torch --quiet
+lock:
+	test -x build/uv/bin/uv || ($(PYTHON) -m venv build/uv && build/uv/bin/$(PIP) uv)
+	echo "$(LOCK_TORCH)" > build/lock-torch.txt
+	build/uv/bin/uv pip compile $(LOCK_ARGS) --upgrade --custom-compile-command "make lock" -o $(LOCK)
+	build/uv/bin/uv pip compile $(LOCK_ARGS) --resolution lowest-direct --upgrade \
+	  --custom-compile-command "make lock" -o $(FLOOR)
 
 clean:
 	rm -rf build .pytest_cache

@@ -61,6 +61,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16") from None
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """The keyword that sets a model's dtype in ``from_pretrained`` / ``from_config`` on the installed
+    transformers: ``dtype`` from 4.56 on, ``torch_dtype`` before (5.x warns on the old name)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def load(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
          dtype: str | torch.dtype | None = None) -> Loaded:
     """Load a causal LM, its tokenizer and its :class:`~kvlab.arch.Adapter`.
@@ -78,7 +87,7 @@ def load(name_or_path: str | os.PathLike | None = None, device: str | torch.devi
     source = world_model_dir() if name_or_path in (None, DEFAULT_MODEL) else name_or_path
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+        model = AutoModelForCausalLM.from_pretrained(source, **dtype_kwarg(dt))
     except (OSError, ValueError) as e:
         raise OSError(
             f"could not load {str(name_or_path)!r} from {str(source)!r}. If this is a hub id, this machine "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .loading import Loaded
+from .loading import Loaded, dtype_kwarg
 from .arch import adapter
 from .text import ensure_pad
 
@@ -73,7 +73,7 @@ def tiny(family: str = "gpt2", seed: int = 0, **sizes) -> Loaded:
     torch.manual_seed(seed)
     cfg = tiny_config(family, len(tok), **sizes)
     cfg._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, **dtype_kwarg(torch.float32))
     # Random init gives tiny weights; make values/keys larger so coefficients are non-trivial.
     with torch.no_grad():
         for p in model.parameters():

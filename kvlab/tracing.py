@@ -55,6 +55,7 @@ same noise, through each path). ``benchmarks/bench_tracing.py`` measures the spe
 from __future__ import annotations
 
 import inspect
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
@@ -189,6 +190,11 @@ def noise_level(model, tok, subjects: Iterable, factor: float = 3.0) -> float:
     return factor * float(emb.float().std())
 
 
+def _transformers_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
 def _expand(x, batch: int):
     """Broadcast batch-1 tensors (also inside tuples, lists, dicts) in block arguments to ``batch`` rows."""
     if torch.is_tensor(x):
@@ -209,9 +215,9 @@ def _first_row(x, batch: int):
     return x
 
 
-# Block arguments by name: the cache argument (what a block's attention calls ``update`` on) and
-# the arguments that index positions, which are sliced when a block runs on the last positions only.
-CACHE_ARGS = ("past_key_values", "layer_past", "past_key_value")
+# Block arguments that index positions, sliced when a block runs on the last positions only.
+# (The cache argument, what a block's attention calls ``update`` on, is found per block by
+# :func:`cache_params` and confirmed by the recording pass: transformers renames it between versions.)
 POSITION_ARGS = ("attention_mask", "position_ids", "cache_position", "position_embeddings")
 # What one block call costs beyond its arithmetic, in tokens through the block (see Tracer._groups):
 # a fixed time for Python, dispatch and kernel launches, worth CALL_FLOPS of arithmetic (~0.4 ms at
@@ -219,6 +225,21 @@ POSITION_ARGS = ("attention_mask", "position_ids", "cache_position", "position_e
 # matrix products of fewer than about CALL_ROWS rows.
 CALL_FLOPS = {"cpu": 2e7, "cuda": 1e10}
 CALL_ROWS = 32
+
+
+def cache_params(sig: inspect.Signature) -> tuple[str, ...]:
+    """Parameters of a block's ``forward`` that may take a key/value cache: annotated with a transformers
+    ``Cache`` class, or named like one (``cache``, ``past_key_values``, ``layer_past``…; not ``use_cache``
+    or ``cache_position``). Which of them the attention really uses is seen when it calls ``update``."""
+    out = []
+    for name, p in sig.parameters.items():
+        if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        annotated = "Cache" in (p.annotation if isinstance(p.annotation, str) else repr(p.annotation))
+        named = "past" in name or (name.endswith("cache") and name != "use_cache")
+        if annotated or named:
+            out.append(name)
+    return tuple(out)
 
 
 def _bind(sig: inspect.Signature, args, kwargs) -> dict:
@@ -240,8 +261,8 @@ def _bind(sig: inspect.Signature, args, kwargs) -> dict:
 def _record_block_inputs(blocks, sigs, caches: Sequence | None = None) -> Iterator[list[dict]]:
     """Record the arguments entering each block as a keyword dict (the hidden states included).
 
-    ``sigs``: the blocks' forward signatures. ``caches``: one (argument name, cache object) per
-    block, passed to the block as its cache.
+    ``sigs``: the blocks' forward signatures. ``caches``: one (argument names, cache object) per
+    block, passed to the block as its cache under each of those names.
     """
     calls: list = [None] * len(blocks)
     handles = []
@@ -249,8 +270,8 @@ def _record_block_inputs(blocks, sigs, caches: Sequence | None = None) -> Iterat
         def pre(module, args, kwargs, l=l):
             calls[l] = kw = _bind(sigs[l], args, kwargs)
             if caches is not None:
-                name, cache = caches[l]
-                return (), {**kw, name: cache}
+                names, cache = caches[l]
+                return (), {**kw, **dict.fromkeys(names, cache)}
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
     with hooks(handles):
         yield calls
@@ -297,13 +318,14 @@ class _Collect(_Prefix):
         raise _Stop
 
 
-def _splittable(kwargs: dict, n: int, sdpa: bool) -> bool:
-    """Whether a block's recorded arguments can be cut to a suffix of the positions (see :func:`_suffix`)."""
+def _unsplittable(kwargs: dict, n: int, sdpa: bool, cache_names: Sequence[str]) -> str | None:
+    """Why a block's recorded arguments cannot be cut to a suffix of the positions (see :func:`_suffix`);
+    None when they can."""
     for name, v in kwargs.items():
-        if name in CACHE_ARGS or not (torch.is_tensor(v) or isinstance(v, (tuple, list))):
+        if name in cache_names or not (torch.is_tensor(v) or isinstance(v, (tuple, list))):
             continue
         if name not in POSITION_ARGS:                # a tensor argument we do not know how to cut
-            return False
+            return f"blocks get an argument {name!r} that kvlab cannot cut to the last positions"
         if name == "attention_mask":
             ok = v.dim() == 4 and tuple(v.shape[-2:]) == (n, n)
         elif name == "position_embeddings":
@@ -311,9 +333,11 @@ def _splittable(kwargs: dict, n: int, sdpa: bool) -> bool:
         else:                                        # position_ids (1, n), cache_position (n,)
             ok = v.shape[-1] == n
         if not ok:
-            return False
+            return f"blocks get {name!r} of a shape kvlab does not expect"
     # no mask: sdpa's implicit causal mask, which _suffix makes explicit; eager always gets one
-    return kwargs.get("attention_mask") is not None or sdpa
+    if kwargs.get("attention_mask") is None and not sdpa:
+        return "blocks get no attention mask"
+    return None
 
 
 def _suffix(kwargs: dict, start: int, stop: int, n: int, dtype, device) -> dict:
@@ -340,7 +364,8 @@ class Tracer:
 
     ``eps`` (samples, n_subject_tokens, d_model) are the standard-normal draws; pass the
     same ``eps`` to another implementation to get the same corruption. ``split``: whether
-    blocks run on the last positions only (see the module docstring); ``call_tokens``: the
+    blocks run on the last positions only (see the module docstring), and ``split_off`` why not
+    (also given as a ``RuntimeWarning``; None when they do); ``call_tokens``: the
     fixed cost of a block call, in tokens through a block, that decides how tokens are grouped.
     """
 
@@ -371,12 +396,18 @@ class Tracer:
         self.blocks = blocks = [self.arch.layer(l) for l in range(L)]
         sigs = [inspect.signature(block.forward) for block in blocks]
         self.hidden_arg = [next(iter(sig.parameters)) for sig in sigs]  # "hidden_states"
-        self.cache_arg = [next((a for a in CACHE_ARGS if a in sig.parameters), None) for sig in sigs]
+        self.cache_arg = [cache_params(sig) for sig in sigs]
 
         # Can blocks run on the last positions only, given the earlier positions' keys and values?
         # Needs a cache argument that the attention updates, and position arguments we can cut.
         impl = getattr(model.config, "_attn_implementation", None)
-        self.split = all(self.cache_arg) and impl in ("eager", "sdpa")
+        if impl not in ("eager", "sdpa"):
+            self.split_off = f"attention implementation {impl!r} (kvlab cuts eager and sdpa)"
+        elif not all(self.cache_arg):
+            self.split_off = f"{type(blocks[0]).__name__}.forward takes no cache argument"
+        else:
+            self.split_off = None
+        self.split = self.split_off is None
         self.kv = [_Recorder() for _ in blocks] if self.split else None
         caches = list(zip(self.cache_arg, self.kv)) if self.split else None
 
@@ -401,8 +432,17 @@ class Tracer:
         self.block_kwargs = [{k: _first_row(v, 1 + samples) for k, v in kw.items() if k != h}
                              for kw, h in zip(calls, self.hidden_arg)]
         if self.split:     # every attention handed its keys/values to the cache, and the arguments can be cut
-            self.split = (all(r.keys is not None and r.keys.shape[-2] == n for r in self.kv)
-                          and all(_splittable(kw, n, impl == "sdpa") for kw in self.block_kwargs))
+            if not all(r.keys is not None and r.keys.shape[-2] == n for r in self.kv):
+                self.split_off = (f"the attention never called update() on a cache passed as "
+                                  f"{' / '.join(self.cache_arg[0])}")
+            else:
+                self.split_off = next((why for kw, names in zip(self.block_kwargs, self.cache_arg)
+                                       if (why := _unsplittable(kw, n, impl == "sdpa", names))), None)
+            self.split = self.split_off is None
+        if self.split_off is not None:
+            warnings.warn(f"causal tracing computes every position of every restored run on this model "
+                          f"({type(model).__name__}, transformers {_transformers_version()}): "
+                          f"{self.split_off}. Scores are exact, only slower.", RuntimeWarning, stacklevel=2)
         if self.split:
             for r in self.kv:
                 r.keys, r.values = r.keys[1:], r.values[1:]                 # (samples, kv_heads, n, d_head)
@@ -436,8 +476,8 @@ class Tracer:
         if (start, stop) != (0, self.n):
             kw = _suffix(kw, start, stop, self.n, h.dtype, h.device)
             rec = self.kv[l]
-            kw[self.cache_arg[l]] = cache if cache is not None else \
-                _Prefix(rec.keys[:, :, :start], rec.values[:, :, :start])
+            cache = cache if cache is not None else _Prefix(rec.keys[:, :, :start], rec.values[:, :, :start])
+            kw.update(dict.fromkeys(self.cache_arg[l], cache))
         kw = _expand(kw, h.shape[0])
         if restore is None:
             return first(self.blocks[l](**kw, **{self.hidden_arg[l]: h}))

@@ -291,3 +291,49 @@ def test_subject_range_with_bos_token():
     ids = tok("anna berg lives in")["input_ids"]
     assert ids[0] == 0 and len(ids) == 5
     assert subject_token_range(tok, "anna berg lives in", "anna berg") == (1, 3)
+
+
+def test_cache_params_found_from_signature():
+    """The cache argument is found by annotation or name, whatever transformers calls it this version."""
+    import inspect
+
+    def f(hidden_states, cache=None, use_cache=False, cache_position=None, **kw): ...
+    def g(hidden_states, layer_past=None, attention_mask=None): ...
+    def h(hidden_states, kv: "Cache | None" = None, use_cache=False): ...
+    def k(hidden_states, attention_mask=None, **kwargs): ...
+    assert tracing.cache_params(inspect.signature(f)) == ("cache",)
+    assert tracing.cache_params(inspect.signature(g)) == ("layer_past",)
+    assert tracing.cache_params(inspect.signature(h)) == ("kv",)
+    assert tracing.cache_params(inspect.signature(k)) == ()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_path_on_for_every_family(family, recwarn):
+    """On every family and the installed transformers, blocks run on the last positions only, and no
+    fallback warning is given. (If this fails after a transformers upgrade, read Tracer.split_off.)"""
+    model, tok, arch = tiny(family)
+    tr = tracing.Tracer(model, tok, PROMPT, SUBJECT, noise=0.5, samples=2)
+    assert tr.split, f"{family}: {tr.split_off}"
+    assert tr.split_off is None
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_split_off_is_loud():
+    """A block whose attention never uses the cache it is given: exact scores, and a warning that says why."""
+    model, tok, arch = tiny("gpt2")
+    attn = arch.attn(0)
+    forward = attn.forward
+
+    def no_cache(*args, **kwargs):                  # drop every cache argument, whatever it is called
+        for name in list(kwargs):
+            if "past" in name or name == "cache":
+                kwargs[name] = None
+        return forward(*args, **kwargs)
+    attn.forward = no_cache
+    try:
+        with pytest.warns(RuntimeWarning, match="never called update"):
+            tr = tracing.Tracer(model, tok, PROMPT, SUBJECT, noise=0.5, samples=2)
+        assert not tr.split and "update" in tr.split_off
+        assert tr.trace("hidden", 1).scores.shape[0] == len(tr.tokens)
+    finally:
+        del attn.forward

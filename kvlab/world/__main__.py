@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import WORLD_DIR, build_world, world_tokenizer
+from .tokenizer import save_tokenizer
 from .export import counterfact, known_facts, write_json
 from .train import QUICK, TrainConfig, recall, train
 
@@ -129,7 +130,7 @@ def main(argv=None):
         print(f"trained {cfg.steps} steps in {stats['seconds']:.0f} s, {stats['tokens_per_s']:.0f} tokens/s")
         model_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(model_dir, safe_serialization=True)
-        tok.save_pretrained(model_dir)
+        save_tokenizer(tok, model_dir)
         ev = evaluate(model, tok, world)
         small = {k: v for k, v in stats.items() if k != "losses"} | {"final_loss": stats["losses"][-1]}
         (model_dir / "train_stats.json").write_text(json.dumps(small, indent=1))

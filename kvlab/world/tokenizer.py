@@ -51,6 +51,18 @@ def world_tokenizer():
     return build_tokenizer(lexicon())
 
 
+# The class name written to tokenizer_config.json: one that transformers 4 and 5 both load (5 writes its
+# own "TokenizersBackend", which 4.x does not know).
+PORTABLE_CLASS = "PreTrainedTokenizerFast"
+
+
 def save_tokenizer(tok, out_dir: str | Path) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+    """Write tokenizer.json and a tokenizer_config.json that every supported transformers version loads."""
+    import json
+
     tok.save_pretrained(str(out_dir))
+    path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = PORTABLE_CLASS
+    config.pop("backend", None)           # a transformers-5-only key
+    path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
