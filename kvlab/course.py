@@ -12,7 +12,9 @@ exception and the first lines of the cell's source; the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import ast
 import html
+import keyword
 import json
 import os
 import sys
@@ -39,8 +41,12 @@ class NotebookRun:
 def notebooks(only: list[str] | None = None, folder: Path = NOTEBOOKS) -> list[Path]:
     """The course notebooks in order; ``only`` filters by number prefix ("05") or name."""
     paths = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
-    if only:
+    if not paths:
+        raise SystemExit(f"no course notebooks (NN_name.ipynb) in {folder}")
+    if only is not None:
         wanted = [o.strip() for o in only]
+        if not wanted or not all(wanted):
+            raise SystemExit(f"--only needs notebook numbers or names, got {only!r}")
         paths = [p for p in paths if any(p.name.startswith(w) or p.stem == w for w in wanted)]
         if not paths:
             raise SystemExit(f"no notebook matches {only}; available: "
@@ -49,13 +55,45 @@ def notebooks(only: list[str] | None = None, folder: Path = NOTEBOOKS) -> list[P
 
 
 def _coerce(value: str):
-    """Parameter values from the command line: int, float, bool, None, else string."""
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
+    """A parameter value from the command line: a Python literal where it parses as one (``3``, ``0.5``,
+    ``[2, 4]``, ``None``, ``'a b'``; also ``true``/``false``/``none``), else the string itself."""
+    lower = value.strip().lower()
+    if lower in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lower]
+    try:
+        return ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return value
+
+
+def parameter_names(path: Path) -> set[str]:
+    """The names a notebook's ``parameters`` cell assigns (what papermill may override)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise SystemExit(f"{path.name}: {len(cells)} cells tagged 'parameters' (need exactly 1)")
+    names = set()
+    for node in ast.walk(ast.parse(cells[0].source)):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+    return names
+
+
+def notebook_parameters(paths: list[Path], params: dict) -> dict[Path, dict]:
+    """Each notebook's share of ``params``: the names its parameters cell has. A name that is not a
+    Python identifier, or that no selected notebook has, is an error (papermill writes the names into
+    the notebook as code)."""
+    for name in params:
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise SystemExit(f"parameter name {name!r} is not a Python identifier")
+    declared = {p: parameter_names(p) for p in paths}
+    unknown = sorted(set(params) - set().union(*declared.values()))
+    if unknown:
+        known = ", ".join(sorted(set().union(*declared.values())))
+        raise SystemExit(f"unknown parameter(s) {', '.join(unknown)}: the selected notebooks take {known}")
+    return {p: {k: v for k, v in params.items() if k in names} for p, names in declared.items()}
 
 
 def _failure(exc, nb_path: Path) -> tuple[str, int | None]:
@@ -135,12 +173,13 @@ def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if model == "kvlab/world" else os.environ.get("HF_HUB_OFFLINE", "0"))
     os.environ.setdefault("MPLBACKEND", "Agg")
-    params = {"MODEL": model, "DEVICE": device, **(extra or {})}
+    paths = notebooks(only)
+    per_notebook = notebook_parameters(paths, {"MODEL": model, "DEVICE": device, **(extra or {})})
     runs = []
-    bar = tqdm(notebooks(only), desc="course", unit="notebook", disable=None)  # no bar in logs
+    bar = tqdm(paths, desc="course", unit="notebook", disable=None)  # no bar in logs
     for path in bar:
         bar.set_postfix_str(path.name)
-        r = run_notebook(path, out_dir, params, progress=progress)
+        r = run_notebook(path, out_dir, per_notebook[path], progress=progress)
         runs.append(r)
         status = "ok" if r.ok else "FAILED"
         tqdm.write(f"{status:6s} {r.seconds:7.1f} s  {path.name}")
@@ -194,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default="auto")
     r.add_argument("--out", type=Path, default=BUILD)
     r.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                   help="extra papermill parameter, e.g. -p N_FACTS 1000")
+                   help="a name from the notebooks' parameters cells and a Python literal (else a "
+                        "string), e.g. -p N_FACTS 1000 -p COUNTS '[2, 4]'")
     r.add_argument("--no-html", action="store_true")
     r.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
     sub.add_parser("list", help="list the notebooks")
@@ -214,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     extra = {k: _coerce(v) for k, v in a.parameter}
     runs = run(a.only, a.model, a.device, extra, a.out, not a.no_html, not a.quiet)
-    return 0 if all(r.ok for r in runs) else 1
+    return 0 if runs and all(r.ok for r in runs) else 1
 
 
 if __name__ == "__main__":

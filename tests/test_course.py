@@ -45,3 +45,38 @@ def test_only_filter_and_errors():
 def test_coerce():
     assert course._coerce("3") == 3 and course._coerce("0.5") == 0.5
     assert course._coerce("true") is True and course._coerce("gpt2-xl") == "gpt2-xl"
+    assert course._coerce("[2, 4]") == [2, 4] and course._coerce("None") is None
+    assert course._coerce("'a b'") == "a b" and course._coerce("data/known_1000.json") == "data/known_1000.json"
+    assert course._coerce("__import__('os')") == "__import__('os')"       # not evaluated: a string
+
+
+def _params_nb(folder, name, source):
+    cell = nbformat.v4.new_code_cell(source)
+    cell.metadata["tags"] = ["parameters"]
+    _nb(folder / name, [cell, nbformat.v4.new_code_cell("x = 1")])
+    return folder / name
+
+
+def test_parameter_names_must_exist_and_be_identifiers(tmp_path):
+    a = _params_nb(tmp_path, "01_a.ipynb", "MODEL = 'x'\nDEVICE = 'cpu'\nN_FACTS = 10  # facts")
+    b = _params_nb(tmp_path, "02_b.ipynb", "MODEL = 'x'\nDEVICE = 'cpu'\nCOUNTS = [1, 2]")
+    assert course.parameter_names(a) == {"MODEL", "DEVICE", "N_FACTS"}
+    per = course.notebook_parameters([a, b], {"MODEL": "m", "N_FACTS": 5, "COUNTS": [2, 4]})
+    assert per[a] == {"MODEL": "m", "N_FACTS": 5} and per[b] == {"MODEL": "m", "COUNTS": [2, 4]}
+    with pytest.raises(SystemExit, match="unknown parameter.*N_FACT\\b.*take"):
+        course.notebook_parameters([a, b], {"N_FACT": 5})
+    for bad in ("x = __import__('os').system('echo pwned'); y", "1x", "class", "A B"):
+        with pytest.raises(SystemExit, match="not a Python identifier"):
+            course.notebook_parameters([a], {bad: 1})
+
+
+def test_no_notebooks_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="no course notebooks"):
+        course.notebooks(folder=tmp_path)
+    with pytest.raises(SystemExit, match="--only needs"):
+        course.notebooks([""])
+
+
+def test_main_rejects_unknown_parameter(tmp_path):
+    with pytest.raises(SystemExit, match="unknown parameter"):
+        course.main(["run", "--only", "00", "--no-html", "--out", str(tmp_path), "-p", "NOT_A_PARAM", "1"])
