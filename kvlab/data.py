@@ -26,10 +26,11 @@ class KnownFact:
 
 @dataclass(frozen=True)
 class Target:
-    """An answer string and the tokenizer id of its first token (GPT-2 ids in the original)."""
+    """An answer string and its id: a Wikidata id such as ``"Q1860"`` in ROME's counterfact.json, a
+    token id (int) in the built-in world's file. Scoring uses ``str`` only."""
 
     str: str
-    id: int
+    id: str | int
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,10 @@ def parse_known(records: list) -> list[KnownFact]:
 
 def _target(rw, key: str, where: str) -> Target:
     t = _get(rw, key, dict, where)
-    return Target(_get(t, "str", str, f"{where}: {key}"), _get(t, "id", int, f"{where}: {key}"))
+    where = f"{where}: {key}"
+    if isinstance(t.get("id"), str):           # ROME's file: a Wikidata id, "Q1860"
+        return Target(_get(t, "str", str, where), _get(t, "id", str, where))
+    return Target(_get(t, "str", str, where), _get(t, "id", int, where))
 
 
 def parse_counterfact(records: list) -> list[EditCase]:

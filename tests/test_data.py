@@ -11,8 +11,8 @@ KNOWN = {"known_id": 0, "subject": "Vinson Massif", "attribute": "Antarctica",
          "prompt": "Vinson Massif is located in the continent of", "relation_id": "P30"}
 CASE = {"case_id": 0, "pararel_idx": 2796,
         "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
-                              "target_new": {"str": "English", "id": 3594},
-                              "target_true": {"str": "French", "id": 4141}, "subject": "Danielle Darrieux"},
+                              "target_new": {"str": "English", "id": "Q1860"},
+                              "target_true": {"str": "French", "id": "Q150"}, "subject": "Danielle Darrieux"},
         "paraphrase_prompts": ["Shayna does this and Yossel goes still and dies. Danielle Darrieux, a native"],
         "neighborhood_prompts": ["The mother tongue of L\u00e9on Blum is"],
         "attribute_prompts": ["J. R. R. Tolkien is a native speaker of"],
@@ -32,8 +32,16 @@ def test_known_good(tmp_path):
 
 def test_counterfact_good(tmp_path):
     (c,) = load_counterfact(write(tmp_path, [CASE]))
-    assert isinstance(c, EditCase) and c.target_new.id == 3594 and c.target_true.str == "French"
+    assert isinstance(c, EditCase) and c.target_new.id == "Q1860" and c.target_true.str == "French"
     assert c.rewrite_prompt == "The mother tongue of Danielle Darrieux is"
+
+
+def test_counterfact_int_ids_still_load(tmp_path):
+    """The built-in world's file gives token ids (ints) where ROME's gives Wikidata ids."""
+    rec = copy.deepcopy(CASE)
+    rec["requested_rewrite"]["target_new"]["id"] = 3594
+    (c,) = load_counterfact(write(tmp_path, [rec]))
+    assert c.target_new.id == 3594 and c.target_true.id == "Q150"
 
 
 @pytest.mark.parametrize("mutate, msg", [
@@ -54,7 +62,8 @@ def test_known_bad(tmp_path, mutate, msg):
     (lambda r: r.pop("paraphrase_prompts"), "missing key 'paraphrase_prompts'"),
     (lambda r: r["requested_rewrite"].update(prompt="The mother tongue of X is"), "'prompt' has no '{}'"),
     (lambda r: r["requested_rewrite"]["target_new"].update(str=""), "'str' is empty"),
-    (lambda r: r["requested_rewrite"]["target_true"].update(id="4141"), "'id' has wrong type"),
+    (lambda r: r["requested_rewrite"]["target_true"].update(id=4.5), "'id' has wrong type"),
+    (lambda r: r["requested_rewrite"]["target_true"].update(id=""), "'id' is empty"),
     (lambda r: r["requested_rewrite"].pop("target_new"), "missing key 'target_new'"),
     (lambda r: r.update(neighborhood_prompts="x"), "'neighborhood_prompts' has wrong type"),
 ])
