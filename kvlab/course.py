@@ -145,7 +145,32 @@ def to_html(executed: Path) -> Path:
     return target
 
 
-def write_index(runs: list[NotebookRun], out_dir: Path, model: str) -> Path:
+def collect_claims(out_dir: Path) -> list[dict]:
+    """The claims the notebooks recorded (``kvlab.checks.claim``) into ``claims.jsonl`` during the run,
+    written to ``claims.json`` (one per key, the last recording wins)."""
+    path = out_dir / "claims.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    claims = list({r["key"]: r for r in rows}.values())
+    (out_dir / "claims.json").write_text(json.dumps(claims, indent=1))
+    return claims
+
+
+def _scorecard(claims: list[dict]) -> str:
+    if not claims:
+        return "<p>No claims recorded.</p>"
+    colour = {"reproduced": "#d7f0d7", "partly reproduced": "#fbeec2", "not reproduced": "#f6d4d4"}
+    rows = "".join(
+        f"<tr style='background:{colour.get(c['verdict'], '#fff')}'><td>{html.escape(c['key'])}</td>"
+        f"<td>{html.escape(c['text'])}</td><td>{html.escape(str(c['paper']))}</td><td>{c['ours']:.4g}</td>"
+        f"<td>{html.escape(c['expect'])}</td><td>{html.escape(c['verdict'])}</td>"
+        f"<td>{html.escape(c['source'])}</td></tr>" for c in claims)
+    counts = ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}" for v in colour)
+    return (f"<h2>Reproduction scorecard</h2><p>{len(claims)} claims: {counts} "
+            f"(<a href='claims.json'>claims.json</a>).</p><table><tr><th>claim</th><th></th><th>paper</th>"
+            f"<th>ours</th><th>criterion</th><th>verdict</th><th>source</th></tr>{rows}</table>")
+
+
+def write_index(runs: list[NotebookRun], out_dir: Path, model: str, claims: list[dict] | None = None) -> Path:
     total = sum(r.seconds for r in runs)
     rows = []
     for r in runs:
@@ -160,6 +185,7 @@ tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
 <p>Executed {time.strftime('%Y-%m-%d %H:%M')} on model <code>{html.escape(model)}</code>;
 total {total:.0f} s ({total / 60:.1f} min).</p>
 <table><tr><th>notebook</th><th>seconds</th><th>status</th><th></th></tr>{''.join(rows)}</table>
+{_scorecard(claims or [])}
 </body></html>"""
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
@@ -174,6 +200,9 @@ def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if model == "kvlab/world" else os.environ.get("HF_HUB_OFFLINE", "0"))
     os.environ.setdefault("MPLBACKEND", "Agg")
     paths = notebooks(only)
+    claims_log = out_dir / "claims.jsonl"
+    claims_log.unlink(missing_ok=True)
+    os.environ["KVLAB_CLAIMS"] = str(claims_log.resolve())   # the kernels append what they measure
     per_notebook = notebook_parameters(paths, {"MODEL": model, "DEVICE": device, **(extra or {})})
     runs = []
     bar = tqdm(paths, desc="course", unit="notebook", disable=None)  # no bar in logs
@@ -188,10 +217,13 @@ def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict
         if html_out and (out_dir / path.name).exists():
             to_html(out_dir / path.name)
     (out_dir / "times.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
-    write_index(runs, out_dir, model)
+    claims = collect_claims(out_dir)
+    write_index(runs, out_dir, model, claims)
     total = sum(r.seconds for r in runs)
+    verdicts = ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}"
+                         for v in ("reproduced", "partly reproduced", "not reproduced"))
     print(f"\n{sum(r.ok for r in runs)}/{len(runs)} notebooks ok in {total:.0f} s ({total / 60:.1f} min); "
-          f"index: {out_dir / 'index.html'}")
+          f"{len(claims)} claims: {verdicts}; index: {out_dir / 'index.html'}")
     return runs
 
 

@@ -80,3 +80,20 @@ def test_no_notebooks_is_an_error(tmp_path):
 def test_main_rejects_unknown_parameter(tmp_path):
     with pytest.raises(SystemExit, match="unknown parameter"):
         course.main(["run", "--only", "00", "--no-html", "--out", str(tmp_path), "-p", "NOT_A_PARAM", "1"])
+
+
+def test_claims_collected_into_json_and_scorecard(tmp_path):
+    import json
+    rows = [dict(key="05.ate", text="subject corruption", ours=0.7, expect="> 0.1", verdict="reproduced",
+                 paper=0.186, source="ROME Fig. 1", model="kvlab/world", partly=None),
+            dict(key="06.amp", text="amplify <b>", ours=0.07, expect="> 0.2", verdict="not reproduced",
+                 paper=0.31, source="Dai et al.", model="kvlab/world", partly=None)]
+    lines = [json.dumps(r) for r in rows] + [json.dumps({**rows[0], "ours": 0.5})]   # re-recorded: last wins
+    (tmp_path / "claims.jsonl").write_text("\n".join(lines) + "\n")
+    claims = course.collect_claims(tmp_path)
+    assert [c["key"] for c in claims] == ["05.ate", "06.amp"] and claims[0]["ours"] == 0.5
+    assert json.loads((tmp_path / "claims.json").read_text()) == claims
+    course.write_index([course.NotebookRun("05_x.ipynb", 1.0, True)], tmp_path, "kvlab/world", claims)
+    page = (tmp_path / "index.html").read_text()
+    assert "Reproduction scorecard" in page and "1 reproduced, 0 partly reproduced, 1 not reproduced" in page
+    assert "amplify &lt;b&gt;" in page
