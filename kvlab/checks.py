@@ -96,15 +96,19 @@ def _holds(ours: float, expect) -> bool:
 
 
 def claim(key: str, text: str, ours: float, expect: tuple, paper=None, source: str = "", model=None,
-          partly: tuple | None = None, strict: bool | None = None) -> Claim:
+          partly: tuple | None = None, strict: bool | None = None, ref: str | None = None) -> Claim:
     """Record a paper's claim as measured by this run; returns the :class:`Claim` (and prints it).
 
     ``expect``: (op, value), the criterion for "reproduced" (e.g. ``(">", 0.1)``); ``partly``: a
-    weaker one for "partly reproduced". ``strict`` (default: True on the built-in model): raise
+    weaker one for "partly reproduced". ``ref``: a key of :data:`kvlab.reference.PAPER`, which gives
+    ``paper`` and ``source``. ``strict`` (default: True on the built-in model): raise
     :class:`ClaimNotReproduced` when the claim is not reproduced.
     """
     from .loading import hub_name, is_builtin
 
+    if ref is not None:
+        from .reference import paper as reference
+        paper, source = reference(ref)
     ours = float(ours)
     if not math.isfinite(ours):
         raise ValueError(f"claim {key!r}: measured value is {ours}")

@@ -67,3 +67,11 @@ def test_claim_rejects_bad_input():
         checks.claim("t.g", "x", 1.0, ("~", 1.0))
     with pytest.raises(ValueError, match="measured value is nan"):
         checks.claim("t.h", "x", float("nan"), (">", 1.0))
+
+
+def test_claim_reads_the_paper_reference():
+    from kvlab.reference import PAPER
+    c = checks.claim("t.r", "ATE", 0.3, (">", 0.1), ref="rome.ate")
+    assert (c.paper, c.source) == PAPER["rome.ate"] and "ROME" in c.source
+    with pytest.raises(ValueError, match="no paper reference 'rome.nope'"):
+        checks.claim("t.s", "ATE", 0.3, (">", 0.1), ref="rome.nope")
