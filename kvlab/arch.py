@@ -16,6 +16,7 @@ the memory coefficients; patching it intervenes on them.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,6 +72,14 @@ class UnsupportedArchitecture(ValueError):
     """Raised for a model whose family kvlab has no adapter for."""
 
 
+class LayerError(ValueError):
+    """A layer that is not an int, or a ``layers`` argument that is empty or a string."""
+
+
+class LayerOutOfRange(LayerError, IndexError):
+    """A layer index outside the model (also an IndexError, as indexing a list would raise)."""
+
+
 def _get(root: nn.Module, dotted: str) -> nn.Module:
     for part in dotted.split("."):
         root = root[int(part)] if part.isdigit() else getattr(root, part)
@@ -92,6 +101,16 @@ class Adapter:
             raise UnsupportedArchitecture(
                 f"kvlab has no adapter for model_type={model_type!r} ({type(model).__name__}). "
                 f"Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        try:
+            _get(model, family.layers)
+            has_head = model.get_output_embeddings() is not None
+        except AttributeError:
+            has_head = False
+        if not has_head:
+            raise UnsupportedArchitecture(
+                f"{type(model).__name__} is a {family.name} model without a language-model head: kvlab needs a "
+                f"causal LM (e.g. {family.name} loaded with AutoModelForCausalLM, not AutoModel)."
             )
         self.model = model
         self.family = family
@@ -212,20 +231,38 @@ class Adapter:
             return act(gate) * up
         return act(outs[0])
 
-    def _check_layer(self, l: int) -> int:
+    def check_layer(self, l) -> int:
+        """One layer index as a non-negative int: an int (numpy/torch integer scalars too, not bool);
+        negatives count from the end. Raises :class:`LayerError` / :class:`LayerOutOfRange`."""
         n = len(_get(self.model, self.family.layers))
-        if not -n <= l < n:
-            raise IndexError(f"layer {l} out of range: the model has {n} layers (0..{n - 1})")
-        return l % n
+        is_bool = type(l).__name__ in ("bool", "bool_") or getattr(l, "dtype", None) == torch.bool
+        try:
+            if is_bool or getattr(l, "ndim", 0) != 0:    # True would index layer 1; tensor([2]) is not a scalar
+                raise TypeError
+            i = operator.index(l)
+        except TypeError:
+            raise LayerError(f"a layer must be an int, got {l!r} ({type(l).__name__})") from None
+        if not -n <= i < n:
+            raise LayerOutOfRange(f"layer {i} out of range: the model has {n} layers (0..{n - 1}, "
+                                  f"or -{n}..-1 from the end)")
+        return i % n
+
+    _check_layer = check_layer   # the old name, still used across kvlab
 
     def check_layers(self, layers=None) -> list[int]:
-        """Sorted, distinct layer indices: ``None`` = all, an int or any iterable (negatives count from the end)."""
+        """Sorted, distinct layer indices: ``None`` = all, one layer or a non-empty iterable of layers
+        (each as :meth:`check_layer` accepts). A string is rejected, not read digit by digit."""
         if layers is None:
             return list(range(self.n_layers))
-        ls = [layers] if isinstance(layers, int) else list(layers)
+        if isinstance(layers, (str, bytes)):
+            raise LayerError(f"layers must be an int or a list of ints, got the string {layers!r}")
+        try:
+            ls = list(layers)
+        except TypeError:       # one layer (an int, a numpy/torch integer scalar), or a bad value check_layer names
+            ls = [layers]
         if not ls:
-            raise ValueError("no layers given")
-        return sorted({self._check_layer(int(l)) for l in ls})
+            raise LayerError("no layers given: pass None for all layers, or a non-empty list")
+        return sorted({self.check_layer(l) for l in ls})
 
     def __repr__(self) -> str:
         return (f"Adapter(family={self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
@@ -243,13 +280,22 @@ def adapter(model: nn.Module) -> Adapter:
 
 def check_tokenizer(model: nn.Module, tokenizer) -> None:
     """Raise if the tokenizer cannot belong to the model (its ids would index past the embedding)."""
+    if not hasattr(model, "get_input_embeddings") or not hasattr(tokenizer, "__len__"):
+        raise ValueError(f"expected a model and its tokenizer, in that order; got {type(model).__name__} "
+                         f"and {type(tokenizer).__name__}")
     n_vocab = model.get_input_embeddings().weight.shape[0]
     n_tok = len(tokenizer)
     if n_tok > n_vocab:
         raise ValueError(
             f"model/tokenizer mismatch: the tokenizer has {n_tok} tokens but the model's embedding has "
-            f"only {n_vocab} rows ({type(model).__name__}, {getattr(tokenizer, 'name_or_path', '?')})."
+            f"only {n_vocab} rows ({type(model).__name__}, {getattr(tokenizer, 'name_or_path', '?')}); "
+            f"load both from the same checkpoint."
         )
+
+
+def check_layers(model: nn.Module, layers=None) -> list[int]:
+    """:meth:`Adapter.check_layers` for ``model``: sorted, distinct, validated layer indices."""
+    return adapter(model).check_layers(layers)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -37,12 +37,26 @@ def replace_first(x, new: Tensor):
 
 @contextmanager
 def hooks(handles: list) -> Iterator[None]:
-    """Remove the given hook handles on exit, whatever happens."""
+    """Remove the given hook handles on exit, whatever happens.
+
+    Register inside the block (``with hooks(handles): handles.append(...)``) so that hooks
+    registered before a failing registration are removed too.
+    """
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _check_what(what: str) -> None:
+    if what not in ("input", "output"):
+        raise ValueError(f"what must be 'input' or 'output', got {what!r}")
+
+
+def _check_mapping(modules, where: str) -> None:
+    if not isinstance(modules, Mapping):
+        raise ValueError(f"{where}: expected a mapping of modules, got {type(modules).__name__}")
 
 
 @contextmanager
@@ -53,16 +67,19 @@ def capture(model: nn.Module, modules: Mapping[str, nn.Module], what: str = "out
     Returns a dict filled by the forward passes run inside the ``with`` block (the last
     pass wins). ``detach=False`` keeps the autograd graph (for gradient methods).
     """
-    if what not in ("input", "output"):
-        raise ValueError(f"what must be 'input' or 'output', got {what!r}")
+    _check_what(what)
+    _check_mapping(modules, "capture")
+    for key, mod in modules.items():        # check everything before registering anything
+        if not isinstance(mod, nn.Module):
+            raise ValueError(f"capture: {key!r} maps to a {type(mod).__name__}, not an nn.Module")
     store: dict[str, Tensor] = {}
     handles = []
-    for key, mod in modules.items():
-        def hook(module, args, output, key=key):
-            t = first(args) if what == "input" else first(output)
-            store[key] = t.detach() if detach else t
-        handles.append(mod.register_forward_hook(hook))
     with hooks(handles):
+        for key, mod in modules.items():
+            def hook(module, args, output, key=key):
+                t = first(args) if what == "input" else first(output)
+                store[key] = t.detach() if detach else t
+            handles.append(mod.register_forward_hook(hook))
         yield store
 
 
@@ -81,19 +98,24 @@ def patch(modules: Mapping[nn.Module, PatchFn] | nn.Module, fn: PatchFn | None =
         if fn is None:
             raise ValueError("patch(module, fn): fn is required")
         modules = {modules: fn}
-    if what not in ("input", "output"):
-        raise ValueError(f"what must be 'input' or 'output', got {what!r}")
+    _check_what(what)
+    _check_mapping(modules, "patch")
+    for mod, f in modules.items():          # check everything before registering anything
+        if not isinstance(mod, nn.Module):
+            raise ValueError(f"patch: {mod!r} is not an nn.Module")
+        if not callable(f):
+            raise ValueError(f"patch: the function for {type(mod).__name__} is not callable: {f!r}")
     handles = []
-    for mod, f in modules.items():
-        if what == "output":
-            def hook(module, args, output, f=f):
-                return replace_first(output, f(first(output)))
-            handles.append(mod.register_forward_hook(hook))
-        else:
-            def pre_hook(module, args, f=f):
-                return replace_first(tuple(args), f(first(args)))
-            handles.append(mod.register_forward_pre_hook(pre_hook))
     with hooks(handles):
+        for mod, f in modules.items():
+            if what == "output":
+                def hook(module, args, output, f=f):
+                    return replace_first(output, f(first(output)))
+                handles.append(mod.register_forward_hook(hook))
+            else:
+                def pre_hook(module, args, f=f):
+                    return replace_first(tuple(args), f(first(args)))
+                handles.append(mod.register_forward_pre_hook(pre_hook))
         yield
 
 

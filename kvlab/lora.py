@@ -22,13 +22,14 @@ and a bare ``"c_proj"`` in peft's ``target_modules`` would adapt both.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .arch import Adapter, adapter
+from .arch import Adapter, adapter, model_device
 
 ROLE_GROUPS = ("keys", "values", "attention")
 
@@ -90,21 +91,6 @@ def _resolve_role(arch: Adapter, role: str) -> list[tuple[str, str]]:
                      f"or a module of this family: {', '.join(known)}")
 
 
-def _check_layers(arch: Adapter, layers: Iterable[int] | None) -> list[int]:
-    if layers is None:
-        return list(range(arch.n_layers))
-    if isinstance(layers, int):
-        layers = [layers]
-    out = []
-    for l in layers:
-        if not isinstance(l, int) or not -arch.n_layers <= l < arch.n_layers:
-            raise ValueError(f"layer {l!r} out of range: the model has {arch.n_layers} layers (0..{arch.n_layers - 1})")
-        out.append(l % arch.n_layers)
-    if not out:
-        raise ValueError("no layers selected")
-    return sorted(set(out))
-
-
 def _linear_shape(module: nn.Module, conv1d: bool) -> tuple[int, int]:
     """(d_in, d_out) of a Linear (weight (out, in)) or GPT-2 Conv1D (weight (in, out))."""
     w = getattr(module, "weight", None)
@@ -127,7 +113,7 @@ def targets(model: nn.Module, roles: str | Sequence[str], layers: Iterable[int] 
         raise ValueError("no LoRA roles given: use e.g. ('keys',), ('values',) or ('attention', 'keys')")
     pairs = list(dict.fromkeys(pair for role in roles for pair in _resolve_role(arch, role)))
     out = []
-    for l in _check_layers(arch, layers):
+    for l in arch.check_layers(layers):
         block = arch.layer(l)
         prefix = f"{arch.family.layers}.{l}"
         for group, path in pairs:
@@ -220,15 +206,33 @@ def wrap(model: nn.Module, roles: str | Sequence[str], r: int = QIU["r"], alpha:
     """
     from peft import get_peft_model
 
+    already = lora_modules(model)
+    if hasattr(model, "peft_config") or already:
+        found = f" ({len(already)} LoRA modules, e.g. {already[0]})" if already else ""
+        raise ValueError(f"lora.wrap: this {type(model).__name__} is already wrapped by peft{found}; wrapping it "
+                         f"again would replace its adapters. Wrap the original model, or call "
+                         f"lora.unload(peft_model) first to get it back.")
     cfg = lora_config(model, roles, r, alpha, dropout, layers)
     wanted = set(target_modules(model, roles, layers))  # peft may shorten a long list to suffixes
     base = copy.deepcopy(model) if copy_model else model
-    torch.manual_seed(seed)   # LoRA's A is randomly initialised
-    peft_model = get_peft_model(base, cfg)
+    with _seeded(seed, model_device(model)):  # LoRA's A is randomly initialised
+        peft_model = get_peft_model(base, cfg)
     wrapped = set(lora_modules(peft_model))
     if wrapped != wanted:
         raise RuntimeError(f"peft adapted {sorted(wrapped ^ wanted)} unexpectedly (wanted {len(wanted)} modules)")
     return peft_model
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Seed torch's RNG for the block and give the caller's RNG state back afterwards (CPU, and
+    the CUDA devices when CUDA is in use), so that wrapping a model never reseeds user code."""
+    cuda = torch.cuda.is_available() and (device.type == "cuda" or torch.cuda.is_initialized())
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed_all(seed)
+        yield
 
 
 def lora_modules(peft_model: nn.Module) -> list[str]:

@@ -37,6 +37,35 @@ def test_check_layers(loaded):
         arch.check_layers([0, 3])
 
 
+def test_one_rule_for_layers():
+    import numpy as np
+    from kvlab.arch import LayerError, LayerOutOfRange, check_layers
+    model, _, arch = tiny("gpt2")             # 3 layers
+    assert arch.check_layers(np.int64(2)) == [2] == arch.check_layers(torch.tensor(2))
+    assert arch.check_layers(np.array([0, -1])) == [0, 2] == arch.check_layers(torch.tensor([2, 0]))
+    assert arch.check_layers(range(2)) == [0, 1] == check_layers(model, (1, 0))
+    assert arch.check_layer(-3) == 0 and arch.check_layer(np.int32(1)) == 1
+    for bad in ("12", "3", b"1"):
+        with pytest.raises(LayerError, match="string"):
+            arch.check_layers(bad)
+    for bad in (True, np.bool_(False), torch.tensor(True), 2.5, "1", None, torch.tensor([1]), torch.tensor(1.0)):
+        with pytest.raises(LayerError, match="a layer must be an int"):
+            arch.check_layer(bad)
+        with pytest.raises(LayerError, match="a layer must be an int"):
+            arch.check_layers([0, bad])
+        with pytest.raises(LayerError, match="a layer must be an int"):
+            arch.mlp(bad)                     # every accessor goes through check_layer
+    for bad in (True, 2.5, np.float64(1.0)):
+        with pytest.raises(LayerError, match="a layer must be an int"):
+            arch.check_layers(bad)
+    for bad in (3, -4, [0, 7]):
+        with pytest.raises(LayerOutOfRange, match=r"layer -?\d out of range: the model has 3 layers \(0\.\.2"):
+            arch.check_layers(bad)
+    assert issubclass(LayerOutOfRange, ValueError) and issubclass(LayerOutOfRange, IndexError)
+    with pytest.raises(LayerError, match="no layers given"):
+        arch.check_layers(iter(()))
+
+
 def test_value_matrix_is_a_view(loaded):
     model, tok, arch = loaded
     V = arch.value_matrix(1)
@@ -88,12 +117,25 @@ def test_unsupported_architecture_names_supported():
         adapter(model)
 
 
+def test_model_without_lm_head_is_unsupported_with_a_hint():
+    from transformers import AutoModel
+    for family in ("gpt2", "llama"):
+        model = tiny(family)[0]
+        bare = AutoModel.from_config(model.config)       # GPT2Model / LlamaModel: no LM head
+        with pytest.raises(UnsupportedArchitecture, match="without a language-model head.*AutoModelForCausalLM"):
+            adapter(bare)
+
+
 def test_tokenizer_mismatch():
     model, tok, _ = tiny("gpt2")
     big = tiny("gpt2")[1]
     big.add_tokens([f"extra{i}" for i in range(500)])
-    with pytest.raises(ValueError, match="mismatch"):
+    n = model.get_input_embeddings().weight.shape[0]
+    with pytest.raises(ValueError, match=f"mismatch: the tokenizer has {len(big)} tokens .* only {n} rows"):
         check_tokenizer(model, big)
+    check_tokenizer(model, tok)
+    with pytest.raises(ValueError, match="a model and its tokenizer, in that order"):
+        check_tokenizer(tok, model)
 
 
 def test_layer_out_of_range():

@@ -208,3 +208,53 @@ def test_world_tasks_split_people_and_stay_in_vocabulary():
             assert world.object_of(subject, rel) == e.answer
     with pytest.raises(ValueError):
         lora_train.world_tasks(world, tasks=("translate",))
+
+
+def _lora_A(pm):
+    return {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_A" in n}
+
+
+def test_wrap_is_seeded_without_touching_the_callers_rng():
+    model, tok, arch = tiny("gpt2")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    expected = torch.rand(3)                      # what the caller's next draw would be
+    torch.set_rng_state(state)
+    a = _lora_A(lora.wrap(model, "keys", r=R, seed=5))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.rand(3), expected)
+    b = _lora_A(lora.wrap(model, "keys", r=R, seed=5))
+    c = _lora_A(lora.wrap(model, "keys", r=R, seed=6))
+    assert a.keys() == b.keys() == c.keys() and a
+    assert all(torch.equal(a[n], b[n]) for n in a)          # same seed: same A
+    assert not all(torch.equal(a[n], c[n]) for n in a)      # another seed: another A
+
+
+@pytest.mark.parametrize("copy_model", [False, True])
+def test_wrapping_twice_is_refused(copy_model):
+    model, tok, arch = tiny("gpt2")
+    pm = lora.wrap(model, "values", r=R, copy_model=False)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()                           # as if trained
+    state = {k: v.clone() for k, v in pm.state_dict().items()}
+    for again in (model, pm):
+        with pytest.raises(ValueError, match="already wrapped by peft"):
+            lora.wrap(again, "keys", r=R, copy_model=copy_model)
+    after = pm.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert sorted(lora.lora_modules(pm)) == sorted(lora.target_modules(model, "values"))
+    base = lora.unload(pm)
+    assert lora.lora_modules(lora.wrap(base, "keys", r=R, copy_model=copy_model))   # unwrapped: fine again
+
+
+def test_layers_follow_the_one_rule():
+    model, tok, arch = tiny("llama")
+    for bad in ("12", "1", True, 2.5, [1, "2"], [], 3, [-4]):
+        with pytest.raises(ValueError):
+            lora.target_modules(model, "keys", layers=bad)
+    import numpy as np
+    assert lora.target_modules(model, "values", layers=np.int64(1)) == ["model.layers.1.mlp.down_proj"]
+    assert lora.target_modules(model, "values", layers=torch.tensor([2, 0])) == \
+        ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]

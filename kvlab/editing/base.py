@@ -7,6 +7,10 @@
     with apply_rome(model, tok, req):         # or: undone when the block ends
         ...
 
+Edits that change the same weights stack: undo them in reverse order (the last one first).
+``undo``/``apply`` check that the weights are exactly what they expect and raise
+:class:`EditStateError`, naming the edit in the way, instead of writing wrong weights.
+
 An editor records the parameters it is about to change with :func:`recording`::
 
     with recording(model, [name], method="ROME") as edit:
@@ -18,7 +22,9 @@ If the body raises, the original weights are put back before the exception propa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -141,13 +147,30 @@ def current_answer(model, tok, text: str, n_tokens: int = 1) -> str:
 # Reversible weight edits
 
 
+class EditStateError(RuntimeError):
+    """The weights are not in the state an edit's ``undo``/``apply`` starts from (e.g. a later
+    edit of the same weights is still applied: undo edits in reverse order)."""
+
+
+_EDITS: "weakref.WeakSet[WeightEdit]" = weakref.WeakSet()   # committed edits still referenced somewhere
+_NUMBERS = itertools.count(1)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (unlike ``torch.equal``, a NaN equals itself and 0.0 differs from -0.0)."""
+    return (a.shape == b.shape and a.dtype == b.dtype
+            and torch.equal(a.detach().flatten().view(torch.uint8), b.detach().flatten().view(torch.uint8)))
+
+
 class WeightEdit:
     """A reversible change of some parameters of a model.
 
     Holds a copy of each parameter before (``originals``) and after (``edited``) the edit.
     :meth:`undo` copies the originals back (bit-for-bit, ``torch.equal``), :meth:`apply`
-    copies the edited weights back; both are no-ops when already in that state. Used as a
-    context manager, the edit is (re)applied on entry and undone on exit.
+    copies the edited weights back; both are no-ops when already in that state, and both
+    raise :class:`EditStateError` if the weights are not exactly the edited (for undo) or
+    original (for apply) ones, e.g. because a later edit of the same weights is applied.
+    Used as a context manager, the edit is (re)applied on entry and undone on exit.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], method: str = "edit"):
@@ -163,12 +186,14 @@ class WeightEdit:
         self.seconds = 0.0                      # wall time of the edit computation
         self.info: dict = {}                    # method-specific results (k*, v*, layer, loss...)
         self.n_params = sum(p.numel() for p in self.params.values())  # parameters allowed to change
+        self.number = next(_NUMBERS)            # names the edit in error messages
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def commit(self) -> "WeightEdit":
         """Record the current weights as the edited state (called once the editor is done)."""
         self.edited = {n: p.detach().clone() for n, p in self.params.items()}
         self.applied = True
+        _EDITS.add(self)
         return self
 
     @torch.no_grad()
@@ -179,6 +204,8 @@ class WeightEdit:
     def undo(self) -> "WeightEdit":
         """Restore the original weights exactly. Safe to call twice."""
         if self.applied:
+            if self.edited is not None:
+                self._expect(self.edited, "undo")
             self._load(self.originals)
             self.applied = False
         return self
@@ -188,9 +215,36 @@ class WeightEdit:
         if self.edited is None:
             raise ValueError("WeightEdit.apply: the edit was never committed")
         if not self.applied:
+            self._expect(self.originals, "apply")
             self._load(self.edited)
             self.applied = True
         return self
+
+    def _expect(self, state: dict[str, torch.Tensor], action: str) -> None:
+        """Raise EditStateError unless every parameter equals ``state`` bit-for-bit."""
+        changed = [n for n, p in self.params.items() if not _same_bits(p, state[n])]
+        if not changed:
+            return
+        others = sorted((e for e in _EDITS if e is not self and e.model is self.model
+                         and not set(e.params).isdisjoint(changed)), key=lambda e: e.number)
+        in_way = [e for e in others if e.applied and (action == "apply" or e.number > self.number)]
+        if in_way:
+            fix = (f"undo {', '.join(e.name for e in reversed(in_way))} first "
+                   f"(edits of the same weights are undone in reverse order)")
+        elif action == "apply" and any(e.number < self.number for e in others):
+            fix = (f"apply {', '.join(e.name for e in others if e.number < self.number)} first "
+                   f"(edits of the same weights are re-applied in the order they were made)")
+        else:
+            fix = "they were changed by something else (training, a direct write, or an edit no longer referenced)"
+        what = "has changed since this edit" if action == "undo" else "is not the weight this edit was made from"
+        raise EditStateError(f"cannot {action} {self.name}: {changed[0]} {what}; {fix}. Nothing was changed.")
+
+    @property
+    def name(self) -> str:
+        """E.g. ``ROME edit #2 ('anna berg lives in' -> 'rome')``, for messages."""
+        req = self.info.get("request")
+        what = f" ({req.text!r} -> {req.target_new!r})" if isinstance(req, EditRequest) else ""
+        return f"{self.method} edit #{self.number}{what}"
 
     def delta(self, name: str | None = None) -> torch.Tensor:
         """Edited minus original weights of one parameter (the only one if ``name`` is None)."""
