@@ -120,14 +120,14 @@ def test_rome_update_is_exact_and_rank_one():
 
 
 def test_key_covariance_and_cache(models, tmp_path, monkeypatch):
-    monkeypatch.setenv("KVLAB_DATA", str(tmp_path))
+    monkeypatch.setenv("KVLAB_CACHE", str(tmp_path))
     model, tok, arch = models["gpt_neox"]
     C = key_covariance(model, tok, 1, texts=TEXTS, progress=False)
     assert C.dtype == torch.float64 and C.shape == (arch.d_ff, arch.d_ff)
     torch.testing.assert_close(C, C.T)
     assert torch.linalg.eigvalsh(C).min() > -1e-8
     files = list(cache_dir().glob("cov_*.pt"))
-    assert len(files) == 1 and cache_dir() == tmp_path / "cache"
+    assert len(files) == 1 and cache_dir() == tmp_path
     torch.testing.assert_close(key_covariance(model, tok, 1, texts=TEXTS, progress=False), C)
     # same as an explicit average of k kᵀ over the tokens of one text
     one = key_covariance(model, tok, 1, texts=TEXTS[:1], cache=False, progress=False)  # 12 tokens
