@@ -64,8 +64,8 @@ def coefficients(model, tok, prompts: str | list[str], layers: int | list[int] |
     Pad positions are zeroed.
     """
     arch = adapter(model)
-    single = isinstance(layers, int)
-    ls = [layers] if single else list(range(arch.n_layers)) if layers is None else list(layers)
+    single = layers is not None and not isinstance(layers, (list, tuple, range)) and getattr(layers, "ndim", 0) == 0
+    ls = [arch.check_layer(layers)] if single else arch.check_layers(layers)
     batch = encode(model, tok, prompts)
     rec = run_with_memories(model, batch, ls)["m"]
     mask = batch.attention_mask[..., None].to(rec[ls[0]].dtype)  # (batch, seq, 1)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .arch import adapter, check_tokenizer, model_device
+from .arch import LayerError, adapter, check_tokenizer, model_device
 from .hooks import first as first_arg, hooks, patch
 from .text import ensure_pad, pad_batch
 
@@ -49,9 +49,17 @@ class TriggerIndex:
     n_prefixes: int                      # prefixes scored (content tokens of the corpus)
     tok: object = field(repr=False, default=None)
 
-    def _loc(self, layer: int, key: int, j: int) -> tuple[int, int]:
+    def check_layer(self, layer) -> int:
+        """``layer`` as an int that was mined (a bool or a string is not a layer)."""
+        if isinstance(layer, bool) or not isinstance(getattr(layer, "item", lambda: layer)(), int):
+            raise LayerError(f"a layer must be an int, got {layer!r} ({type(layer).__name__})")
+        layer = int(layer)
         if layer not in self.values:
             raise ValueError(f"layer {layer} was not mined; mined layers: {list(self.layers)}")
+        return layer
+
+    def _loc(self, layer: int, key: int, j: int) -> tuple[int, int]:
+        layer = self.check_layer(layer)
         d_ff = self.values[layer].shape[0]
         if not 0 <= key < d_ff:
             raise ValueError(f"key {key} out of range: layer {layer} has {d_ff} keys")
@@ -354,8 +362,7 @@ def token_removal(model, tok, index: TriggerIndex, layer: int, keys: list[int] |
     Returns ``{"first", "last", "random"}`` -> drop in percent, ``"n"`` prefixes used, and
     ``"drops"`` -> {variant: (n,) tensor of per-prefix relative drops (m_full − m_removed) / m_full}.
     """
-    if layer not in index.values:
-        raise ValueError(f"layer {layer} was not mined; mined layers: {list(index.layers)}")
+    layer = index.check_layer(layer)
     d_ff = index.values[layer].shape[0]
     keys = list(range(d_ff)) if keys is None else [int(i) for i in keys]
     if not keys or any(not 0 <= i < d_ff for i in keys):
@@ -400,8 +407,7 @@ def classify_keys(index: TriggerIndex, layer: int, sentence_labels: list[set | t
     *semantic*: not shallow, but at least ``share`` of them come from sentences that share a
     label in ``sentence_labels[s]`` (e.g. the world's relation id or object of sentence s).
     """
-    if layer not in index.values:
-        raise ValueError(f"layer {layer} was not mined; mined layers: {list(index.layers)}")
+    layer = index.check_layer(layer)
     if len(sentence_labels) != len(index.token_ids):
         raise ValueError(f"sentence_labels has {len(sentence_labels)} entries, the corpus {len(index.token_ids)}")
     if not 0 < share <= 1 or n < 1:

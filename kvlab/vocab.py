@@ -101,8 +101,7 @@ def agreement(model, tok, index: TriggerIndex, layer: int, keys: list[int] | Non
     uniformly random top token: mean over keys of (#distinct next tokens) / vocab size.
     Paper (n_examples=1): ~0% in layers 1–10, up to ~3.5% in the top layers; random 0.0004%.
     """
-    if layer not in index.values:
-        raise ValueError(f"layer {layer} was not mined; mined layers: {list(index.layers)}")
+    layer = index.check_layer(layer)
     if n_examples < 1:
         raise ValueError(f"n_examples must be >= 1, got {n_examples}")
     d_ff = index.values[layer].shape[0]

@@ -147,3 +147,16 @@ def test_layer_out_of_range():
 def test_load_failure_is_clear(tmp_path):
     with pytest.raises(OSError, match="could not load"):
         kvlab.load(str(tmp_path), device="cpu")  # a folder with no model in it
+
+
+def test_memory_coefficients_one_rule_for_layers():
+    import numpy as np
+    from kvlab import memory
+    from kvlab.arch import LayerError
+    model, tok, arch = tiny("gpt2")
+    one = memory.coefficients(model, tok, "the king", layers=1)
+    assert torch.equal(memory.coefficients(model, tok, "the king", layers=np.int64(1)), one)
+    assert torch.equal(memory.coefficients(model, tok, "the king", layers=[1])[1], one)
+    for bad in ([], "12", True, 2.5):
+        with pytest.raises(LayerError):
+            memory.coefficients(model, tok, "the king", layers=bad)

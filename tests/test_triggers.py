@@ -145,6 +145,13 @@ def test_bad_input():
         index.prefix(1, 0, 5)
     with pytest.raises(ValueError, match="keys"):
         triggers.token_removal(model, tok, index, 1, keys=[-1])
+    # True would be layer 1 as a dict key; a string or float is no layer
+    for bad in (True, "1", 1.0):
+        with pytest.raises(ValueError, match="a layer must be an int"):
+            index.prefix(bad, 0, 0)
+        with pytest.raises(ValueError, match="a layer must be an int"):
+            triggers.token_removal(model, tok, index, bad)
+    assert index.prefix(torch.tensor(1), 0, 0) == index.prefix(1, 0, 0)
 
 
 def test_unique_scores_each_distinct_prefix_once():

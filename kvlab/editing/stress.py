@@ -153,7 +153,8 @@ def stress_memit(model, tok, records, counts, known, layers=None, lam: float | N
     known = [as_record(k) for k in known]
     counts = _check_counts(counts, len(records))
     cfg = config or default_config(model)
-    layers = check_layers(model, layers if layers is not None else cfg.layers or default_layers(model))
+    layers = check_layers(model, layers if layers is not None else
+                          cfg.layers if cfg.layers is not None else default_layers(model))
     lam = lam if lam is not None else cfg.lam if cfg.lam is not None else default_lambda(model)
     templates = templates if templates is not None else context_templates(model, tok, cfg.n_templates,
                                                                           cfg.template_length)
