@@ -3,12 +3,31 @@
 Both our shipped files (``data/world/known_facts.json``, ``data/world/counterfact.json``)
 and the original ROME files load with the same functions. Malformed records raise a
 ``ValueError`` naming the record and the field.
+
+Which file a notebook uses is its ``KNOWN`` / ``COUNTERFACT`` parameter, read by
+:func:`load_known` / :func:`load_counterfact`:
+
+- ``"auto"``: the built-in world's facts on the built-in model, ROME's files on any other model
+  (a hub model has never seen the world's fictional people);
+- ``"world"``: the built-in world's files (``data/world``);
+- ``"rome"``: ROME's published files (Meng et al. 2022: 1,209 known facts, 21,919 CounterFact
+  cases), downloaded once from :data:`ROME_DATA` into ``kvlab.env.cache_dir()/rome`` (:func:`fetch`);
+- a path to a file in the same schema, or an ``http(s)://`` / ``file://`` URL (downloaded once).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# ROME's published data sets (the addresses its own code downloads from).
+ROME_DATA = "https://rome.baulab.info/data/dsets/"
+ROME_FILES = {"known": "known_1000.json", "counterfact": "counterfact.json"}
+SOURCES = ("auto", "world", "rome")
 
 
 @dataclass(frozen=True)
@@ -136,11 +155,80 @@ def parse_counterfact(records: list) -> list[EditCase]:
     return out
 
 
-def load_known(path: str | Path | None = None) -> list[KnownFact]:
-    """Known facts in known_1000.json's schema (default: the world's ``known_facts.json``)."""
-    return parse_known(_read(path or _default("known_facts.json")))
+def _download(url: str, path: Path) -> Path:
+    """Fetch ``url`` to ``path`` (atomically: a partial download never takes its place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=120) as r:
+            while chunk := r.read(1 << 20):
+                out.write(chunk)
+        json.loads(Path(tmp).read_text(encoding="utf-8"))      # a JSON file, not an error page
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(
+            f"could not download {url} ({e}). This machine may be offline (no network, or no access to "
+            f"that host). Download the file where you have access, then pass its path, e.g. "
+            f"KNOWN='/path/known_1000.json' or COUNTERFACT='/path/counterfact.json' in a notebook's "
+            f"parameters, or load_known('/path/known_1000.json').") from e
+    return path
 
 
-def load_counterfact(path: str | Path | None = None) -> list[EditCase]:
-    """Editing cases in CounterFact's schema (default: the world's ``counterfact.json``)."""
-    return parse_counterfact(_read(path or _default("counterfact.json")))
+def fetch(name: str, url: str | None = None) -> Path:
+    """The local path of ROME's ``name`` file ("known" or "counterfact"), downloaded once into
+    ``cache_dir()/rome`` from :data:`ROME_DATA` (or ``url``)."""
+    from .env import cache_dir
+
+    if name not in ROME_FILES:
+        raise ValueError(f"unknown ROME data set {name!r}; choose from {tuple(ROME_FILES)}")
+    path = cache_dir() / "rome" / ROME_FILES[name]
+    return path if path.exists() else _download(url or ROME_DATA + ROME_FILES[name], path)
+
+
+def fetch_known() -> list[KnownFact]:
+    """ROME's known_1000.json (downloaded once; see :func:`fetch`)."""
+    return load_known("rome")
+
+
+def fetch_counterfact() -> list[EditCase]:
+    """ROME's counterfact.json (downloaded once; see :func:`fetch`)."""
+    return load_counterfact("rome")
+
+
+def source_path(source: str | Path | None, name: str, model=None) -> Path:
+    """The file a ``KNOWN`` / ``COUNTERFACT`` parameter names (see the module docstring); ``name`` is
+    "known" or "counterfact". ``"auto"`` needs the model."""
+    from .loading import is_builtin
+
+    world = {"known": "known_facts.json", "counterfact": "counterfact.json"}[name]
+    if source is None or source == "world":
+        return _default(world)
+    if source == "auto":
+        if model is None:
+            raise ValueError(f"{name} source 'auto' needs the model: load_{name}('auto', model=model)")
+        return _default(world) if is_builtin(model) else fetch(name)
+    if source == "rome":
+        return fetch(name)
+    text = str(source)
+    if text.startswith(("http://", "https://", "file://")):
+        from .env import cache_dir
+        digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+        path = cache_dir() / "downloads" / f"{digest}-{Path(text).name or name + '.json'}"
+        return path if path.exists() else _download(text, path)
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} file {text!r} not found; a source is one of {SOURCES}, a path or a URL")
+    return path
+
+
+def load_known(source: str | Path | None = None, model=None) -> list[KnownFact]:
+    """Known facts in known_1000.json's schema: ``source`` as in the module docstring (default: the
+    world's ``known_facts.json``)."""
+    return parse_known(_read(source_path(source, "known", model)))
+
+
+def load_counterfact(source: str | Path | None = None, model=None) -> list[EditCase]:
+    """Editing cases in CounterFact's schema: ``source`` as in the module docstring (default: the
+    world's ``counterfact.json``)."""
+    return parse_counterfact(_read(source_path(source, "counterfact", model)))

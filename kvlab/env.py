@@ -6,6 +6,7 @@ import platform
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,6 +21,16 @@ MODEL_TIERS = [
     ("EleutherAI/gpt-j-6b", "6B", 12.1, "Colab T4 at the limit; A100 comfortable"),
     ("meta-llama/Llama-2-7b-hf", "6.7B", 13.5, "A100 (40/80 GB); T4 only for inference"),
 ]
+
+
+def cache_dir() -> Path:
+    """Where kvlab keeps what it computes or downloads (key covariances, ROME's data files):
+    ``$KVLAB_CACHE``, else ``$XDG_CACHE_HOME/kvlab``, else ``~/.cache/kvlab``; never the source tree."""
+    if os.environ.get("KVLAB_CACHE"):
+        return Path(os.environ["KVLAB_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kvlab"
+    return Path.home() / ".cache" / "kvlab"
 
 
 @dataclass

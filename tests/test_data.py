@@ -79,3 +79,55 @@ def test_counterfact_bad(tmp_path, mutate, msg):
 def test_not_a_list(tmp_path):
     with pytest.raises(ValueError, match="list"):
         load_known(write(tmp_path, {"a": 1}))
+
+
+def _serve(tmp_path, monkeypatch, known=(KNOWN,), cases=(CASE,)):
+    """ROME's data site as a local folder (file:// URLs), and an empty cache."""
+    from kvlab import data
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "known_1000.json").write_text(json.dumps(list(known)))
+    (site / "counterfact.json").write_text(json.dumps(list(cases)))
+    monkeypatch.setattr(data, "ROME_DATA", site.as_uri() + "/")
+    monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))
+    return site
+
+
+def test_fetch_downloads_once_into_the_cache(tmp_path, monkeypatch):
+    from kvlab import data
+    site = _serve(tmp_path, monkeypatch)
+    (k,) = data.fetch_known()
+    assert k.subject == "Vinson Massif"
+    assert data.fetch("known") == tmp_path / "cache" / "rome" / "known_1000.json"
+    (site / "known_1000.json").unlink()              # served once, then read from the cache
+    assert data.fetch_known()[0].subject == "Vinson Massif"
+    assert data.fetch_counterfact()[0].target_new.id == "Q1860"
+
+
+def test_fetch_offline_says_what_to_do(tmp_path, monkeypatch):
+    from kvlab import data
+    monkeypatch.setattr(data, "ROME_DATA", (tmp_path / "nowhere").as_uri() + "/")
+    monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OSError, match="may be offline.*pass its path"):
+        data.fetch_known()
+    assert not list((tmp_path / "cache").rglob("*.json"))   # nothing half-written
+    with pytest.raises(ValueError, match="unknown ROME data set"):
+        data.fetch("zsre")
+
+
+def test_sources_auto_world_rome_path_url(tmp_path, monkeypatch):
+    import kvlab
+    from kvlab.testing import tiny
+    _serve(tmp_path, monkeypatch)
+    builtin = kvlab.load().model
+    hub_like = tiny("gpt2").model
+    world = load_known("world")
+    assert len(world) > 1000 and load_known("auto", model=builtin) == world == load_known()
+    assert load_known("auto", model=hub_like)[0].subject == "Vinson Massif"    # ROME's data on other models
+    assert load_known("rome")[0].subject == "Vinson Massif"
+    path = write(tmp_path, [KNOWN])
+    assert load_known(str(path))[0].prompt == KNOWN["prompt"] and load_known(path.as_uri())[0].known_id == 0
+    with pytest.raises(ValueError, match="needs the model"):
+        load_known("auto")
+    with pytest.raises(FileNotFoundError, match="not found; a source is one of"):
+        load_counterfact("wrold")

@@ -47,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import adapter, model_device
+from ..env import cache_dir
 from ..hooks import capture
 from ..text import ensure_pad
 
@@ -57,15 +58,6 @@ _WARNED: set[str] = set()
 
 
 # --- where -------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """``$KVLAB_CACHE``, else ``$XDG_CACHE_HOME/kvlab``, else ``~/.cache/kvlab``."""
-    if os.environ.get("KVLAB_CACHE"):
-        return Path(os.environ["KVLAB_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "kvlab"
-    return Path.home() / ".cache" / "kvlab"
-
-
 def _megabytes(name: str, default: float) -> int:
     """The size limit in env ``name`` (MiB), in bytes."""
     raw = os.environ.get(name, "").strip()
