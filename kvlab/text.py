@@ -2,7 +2,8 @@
 
 Batches are padded on the *right*, explicitly (:func:`pad_batch`), so every real token keeps its
 position id and the prediction of row b is read at ``last[b]`` (the last non-pad position). The
-tokenizer's own ``padding_side`` is never read nor changed.
+tokenizer's own ``padding_side`` is not used (:func:`right_padded` sets and restores it for code
+that pads through the tokenizer).
 
 Every method tokenises through this module, so bad input raises ``ValueError`` here instead of
 giving a silent wrong answer:
@@ -19,7 +20,9 @@ giving a silent wrong answer:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -52,6 +55,18 @@ def ensure_pad(tok) -> None:
     if tok.pad_token is None:
         pad_id(tok)  # raises if there is no eos either
         tok.pad_token = tok.eos_token
+
+
+@contextmanager
+def right_padded(tok) -> Iterator:
+    """``tok`` with ``padding_side="right"`` inside the block, for code that pads through the tokenizer
+    itself (``tok(texts, padding=True)``); the caller's setting is restored afterwards, also on error."""
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        yield tok
+    finally:
+        tok.padding_side = side
 
 
 def pad_id(tok) -> int:

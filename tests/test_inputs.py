@@ -211,6 +211,24 @@ def test_tokenizer_padding_side_and_pad_token_are_left_alone():
         assert torch.equal(a, b)
 
 
+def test_covariance_is_computed_right_padded_and_the_side_restored(monkeypatch):
+    """key_covariance pads through the tokenizer: the editors hand it a right-padded one, then restore."""
+    from kvlab.editing import memit as memit_module
+    model, tok, arch = tiny("gpt2")
+    seen = []
+
+    def spy(model, tok, layer, **kw):
+        seen.append(tok.padding_side)
+        return torch.eye(arch.d_ff)
+
+    monkeypatch.setattr(rome_module, "key_covariance", spy)
+    monkeypatch.setattr(memit_module, "key_covariance", spy)
+    tok.padding_side = "left"
+    apply_rome(model, tok, REQ, layer=1, templates=TEMPLATES, v_steps=1, check=False).undo()
+    apply_memit(model, tok, [REQ], layers=[1], templates=TEMPLATES, v_steps=1, check=False, progress=False).undo()
+    assert seen == ["right", "right"] and tok.padding_side == "left"
+
+
 # ----------------------------------------------------------------------------- 6. editors
 @pytest.mark.parametrize("option", [dict(v_steps=-5), dict(v_steps=0), dict(v_steps=2.5), dict(v_lr=0.0),
                                     dict(v_lr=float("nan")), dict(clamp=-1.0), dict(weight_decay=-0.1),

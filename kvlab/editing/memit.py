@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..arch import adapter
 from ..hooks import capture
 from ..loading import hub_name, is_builtin
-from ..text import pad_rows
+from ..text import pad_rows, right_padded
 from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .covariance import key_covariance, solve
 from .rome import (check_covariance, check_finite, check_number, check_template, compute_key, compute_value,
@@ -296,7 +296,8 @@ def apply_memit(model, tok, requests, layers=None, lam: float | None = None,
     covs = dict(covs or {})
     for l in layers:
         if l not in covs:
-            covs[l] = key_covariance(model, tok, l, n=cfg.cov_samples, progress=False)
+            with right_padded(tok):               # key_covariance pads through the tokenizer
+                covs[l] = key_covariance(model, tok, l, n=cfg.cov_samples, progress=False)
         check_covariance(covs[l], arch.d_ff, f"apply_memit: layer {l}")
     logs: list[dict] = []
     if targets is None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..arch import adapter, model_device
 from ..hooks import capture, patch
 from ..loading import hub_name, is_builtin
-from ..text import pad_rows, prompt_ids, subject_token_range, token_ids
+from ..text import pad_rows, prompt_ids, right_padded, subject_token_range, token_ids
 from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .covariance import key_covariance, solve
 
@@ -363,7 +363,8 @@ def apply_rome(model, tok, request: EditRequest | dict, layer: int | None = None
     if templates is None:
         templates = context_templates(model, tok, cfg.n_templates, cfg.template_length)
     if cov is None:
-        cov = key_covariance(model, tok, layer, n=cfg.cov_samples, progress=False)
+        with right_padded(tok):                   # key_covariance pads through the tokenizer
+            cov = key_covariance(model, tok, layer, n=cfg.cov_samples, progress=False)
     check_covariance(cov, arch.d_ff, "apply_rome")
     module = arch.value_module(layer)
     names = [param_name(model, module, "weight")]
