@@ -35,6 +35,7 @@ is the one-step-at-a-time reference used by ``benchmarks/bench_neurons.py``).
 """
 from __future__ import annotations
 
+import operator
 import random
 from collections import Counter
 from contextlib import contextmanager
@@ -43,9 +44,9 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .arch import adapter, model_device
+from .arch import adapter
 from .hooks import capture, patch
-from .text import encode, ensure_pad, token_ids
+from .text import encode, pad_rows, token_ids
 
 Neuron = tuple[int, int]  # (layer, index in d_ff)
 
@@ -85,15 +86,8 @@ def answer_batch(model, tok, prompts: str | Sequence[str], answers: str | Sequen
     enc = encode(model, tok, prompts)
     ans = [token_ids(tok, a) for a in answers]
     rows = [enc.input_ids[b, : int(enc.last[b]) + 1].tolist() + a[:-1] for b, a in enumerate(ans)]
-    seq = max(len(r) for r in rows)
-    ensure_pad(tok)
-    ids = torch.full((len(rows), seq), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), seq), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-    dev = model_device(model)
-    return AnswerBatch(ids.to(dev), mask.to(dev), enc.last.clone(), ans)
+    ids, mask = pad_rows(model, tok, rows)                        # (batch, seq) x2, right-padded
+    return AnswerBatch(ids, mask, enc.last.clone(), ans)
 
 
 def answer_logprob(logits: torch.Tensor, batch: AnswerBatch, reduce: str = "sum") -> torch.Tensor:
@@ -356,18 +350,34 @@ def shared_neurons(neuron_sets: Sequence[Sequence[Neuron]], min_count: int = 2) 
 # Baselines
 
 
-def _check_neurons(arch, neurons) -> dict[int, list[int]]:
-    """Group neurons by layer, validating indices: {layer: [i, ...]}."""
-    by_layer: dict[int, list[int]] = {}
+def check_neurons(arch, neurons) -> list[Neuron]:
+    """The neurons as (layer, index) pairs in the given order, validated: layers through the adapter
+    (negative ones count from the end), indices integers in [0, d_ff)."""
+    out = []
     for x in neurons:
         try:
             l, i = x
         except (TypeError, ValueError):
             raise ValueError(f"a neuron must be a (layer, index) pair, got {x!r}") from None
-        l = arch._check_layer(int(l))
-        if not 0 <= int(i) < arch.d_ff:
+        l = arch._check_layer(l)
+        try:
+            index = None if isinstance(i, bool) else operator.index(i)
+        except TypeError:
+            index = None
+        if index is None:
+            raise ValueError(f"neuron index must be an integer, got {i!r} (in {x!r})")
+        i = index
+        if not 0 <= i < arch.d_ff:
             raise ValueError(f"neuron index {i} out of range for layer {l} (d_ff={arch.d_ff})")
-        by_layer.setdefault(l, []).append(int(i))
+        out.append((l, i))
+    return out
+
+
+def _check_neurons(arch, neurons) -> dict[int, list[int]]:
+    """Group neurons by layer, validating them (:func:`check_neurons`): {layer: [i, ...]}."""
+    by_layer: dict[int, list[int]] = {}
+    for l, i in check_neurons(arch, neurons):
+        by_layer.setdefault(l, []).append(i)
     return by_layer
 
 

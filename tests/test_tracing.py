@@ -256,19 +256,22 @@ def test_subject_range_word_split_into_pieces():
     assert tok.decode(ids[e:]).strip() == "lives in"
 
 
-def test_subject_range_ends_or_starts_mid_token():
+def test_subject_range_only_on_token_and_word_boundaries():
+    """A subject that starts or ends inside a token or a word is not a mention of it (more in test_inputs)."""
     tok = _bpe_tokenizer()
     prompt = "the city of parisian rome"
-    ids = tok(prompt)["input_ids"]
-    b, e = subject_token_range(tok, prompt, "paris")     # "paris" is a prefix of "parisian"
-    assert "paris" in tok.decode(ids[b:e])
-    b2, e2 = subject_token_range(tok, prompt, "isian")   # starts inside a token: that token is included
-    assert "isian" in tok.decode(ids[b2:e2]) and b2 >= b
+    with pytest.raises(ValueError, match="part of the word 'parisian'"):
+        subject_token_range(tok, prompt, "paris")        # "paris" is a prefix of "parisian"
+    with pytest.raises(ValueError, match="inside the token"):
+        subject_token_range(tok, prompt, "isian")        # starts inside the token "Ġparis"
+    ids = tok("the city of paris, rome")["input_ids"]
+    b, e = subject_token_range(tok, "the city of paris, rome", "paris")
+    assert tok.decode(ids[b:e]).strip() == "paris"
 
 
 def test_subject_range_repeated_and_absent():
     _, tok, _ = tiny("gpt2")
-    prompt = "tom lee and tom lee play"
+    prompt = "tom lee and tom lee plays"   # every word known to the tiny tokenizer
     assert subject_token_range(tok, prompt, "tom lee") == (0, 2)
     assert subject_token_range(tok, prompt, "tom lee", occurrence=1) == (3, 5)
     assert subject_token_range(tok, prompt, "tom lee", occurrence=-1) == (3, 5)

@@ -16,15 +16,16 @@ is a reversible :class:`WeightEdit` that records the trainable parameter count a
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..arch import adapter
-from ..text import pad_rows, token_ids
+from ..text import pad_rows, prompt_ids, token_ids
 from .base import EditRequest, WeightEdit, configure, param_name, recording
-from .rome import default_layer
+from .rome import check_finite, check_number, check_template, default_layer
 
 TARGETS = ("keys", "values")
 
@@ -39,6 +40,19 @@ class FTConfig:
     norm_constraint: float | None = None  # FT+L: ε of the L∞ constraint (ROME: 5e-4 for GPT-2 XL)
     early_stop: float = 1e-2            # stop when the NLL of the new object falls below this
     extra_prompts: list[str] = field(default_factory=list)  # more prompts (with "{}") to train on
+
+    def validate(self, where: str = "FTConfig") -> "FTConfig":
+        """Raise ValueError, naming the field, for a value the edit cannot run with."""
+        check_number(where, "steps", self.steps, 1, integer=True)
+        check_number(where, "lr", self.lr, 0, strict=True)
+        if self.norm_constraint is not None:
+            check_number(where, "norm_constraint", self.norm_constraint, 0, strict=True)
+        check_number(where, "early_stop", self.early_stop, 0)
+        if isinstance(self.extra_prompts, str):
+            raise ValueError(f"{where}: extra_prompts must be a list of prompts, got the string {self.extra_prompts!r}")
+        for p in self.extra_prompts:
+            check_template(where, "every extra prompt", p)
+        return self
 
 
 def ffn_params(model, target: str, layers: list[int]) -> list[str]:
@@ -57,14 +71,19 @@ def finetune_edit(model, tok, request: EditRequest | dict, target: str = "values
                   config: FTConfig | None = None, check: bool = True, **overrides) -> WeightEdit:
     """Fine-tune the FFN ``target`` ("keys" or "values") of ``layers`` so the prompt says ``target_new``.
 
-    ``overrides`` set :class:`FTConfig` fields (``steps=50, lr=1e-3, norm_constraint=5e-4``).
+    ``overrides`` set :class:`FTConfig` fields (``steps=50, lr=1e-3, norm_constraint=5e-4``) of a copy
+    of ``config``; they are checked up front (:meth:`FTConfig.validate`). ``layers``: None for the
+    default, else a non-empty list (repeats count once). A NaN/inf loss raises and restores the weights.
     Returns a :class:`WeightEdit` whose ``info`` has the loss curve and final p(new).
     """
     if not isinstance(request, EditRequest):
         request = EditRequest.from_counterfact(request)
-    cfg = configure(config or FTConfig(), overrides, "finetune_edit")
+    # a copy: the caller's config is not changed by the overrides
+    cfg = configure(dataclasses.replace(config or FTConfig()), overrides, "finetune_edit")
+    cfg.validate("finetune_edit")
     arch = adapter(model)
-    layers = [arch._check_layer(l) for l in (layers or cfg.layers or [default_layer(model)])]
+    layers = layers if layers is not None else cfg.layers if cfg.layers is not None else [default_layer(model)]
+    layers = arch.check_layers(layers)   # sorted, distinct; [] and bad indices raise
     if check:
         request.check(model, tok)
     names = ffn_params(model, target, layers)
@@ -73,7 +92,7 @@ def finetune_edit(model, tok, request: EditRequest | dict, target: str = "values
     prompts = [request.text] + [p.replace("{}", request.subject) for p in cfg.extra_prompts]
     rows, pos = [], []
     for p in prompts:
-        pid = tok(p)["input_ids"]
+        pid = prompt_ids(tok, p)
         rows.append(pid + tgt[:-1])
         pos.append([len(pid) - 1 + j for j in range(len(tgt))])
     ids, mask = pad_rows(model, tok, rows)
@@ -95,7 +114,7 @@ def finetune_edit(model, tok, request: EditRequest | dict, target: str = "values
                     logits = model(input_ids=ids, attention_mask=mask).logits.float()
                     lp = logits[b_idx, pos_t].log_softmax(-1)                   # (n, n_tgt, vocab)
                     nll = -lp.gather(-1, tgt_t[..., None])[..., 0].mean()
-                    curve.append(float(nll.detach()))
+                    curve.append(float(check_finite(nll.detach(), f"finetune_edit: the loss at step {step}")))
                     if step == cfg.steps or curve[-1] < cfg.early_stop:
                         break
                     opt.zero_grad()

@@ -20,13 +20,25 @@ import torch
 from ..arch import adapter
 from ..text import token_ids
 from .base import EditRequest, WeightEdit, current_answer, param_name, recording
-from .rome import context_templates
+from .rome import check_finite, check_number, context_templates
 
 
 def answer_embedding(model, tok, answer: str) -> torch.Tensor:
     """E[answer] (d_model,): mean input embedding of the answer's tokens."""
     E = adapter(model).embed.weight                     # (vocab, d_model)
     return E[token_ids(tok, answer)].mean(0)
+
+
+def check_neuron_list(arch, neurons, where: str) -> list[tuple[int, int]]:
+    """Validated (layer, index) pairs (:func:`kvlab.neurons.check_neurons`); [] and repeated neurons raise."""
+    from ..neurons import check_neurons
+    out = check_neurons(arch, neurons)
+    if not out:
+        raise ValueError(f"{where}: no neurons given; nothing to edit")
+    dup = sorted({x for x in out if out.count(x) > 1})
+    if dup:
+        raise ValueError(f"{where}: neuron(s) {dup} given more than once; each copy would move the value again")
+    return out
 
 
 def kn_edit(model, tok, request: EditRequest | dict, prompts: list[str] | None = None, lam: float = 1.0,
@@ -38,13 +50,14 @@ def kn_edit(model, tok, request: EditRequest | dict, prompts: list[str] | None =
     the rewrite prompt and ``n_prompts - 1`` copies behind ROME's model-generated context
     prefixes, so no evaluation paraphrase is seen by the edit). The old answer is
     ``request.target_true`` (the model's current answer if None).
-    ``neurons``: skip the search and edit these (layer, index) pairs. ``kn_kw`` go to
-    :func:`kvlab.neurons.knowledge_neurons` (e.g. thresholds, steps).
+    ``neurons``: skip the search and edit these (layer, index) pairs (at least one, each once:
+    a repeated neuron would be moved twice). ``kn_kw`` go to :func:`kvlab.neurons.knowledge_neurons`
+    (e.g. thresholds, steps). A search that finds no neuron raises ValueError.
     """
     if not isinstance(request, EditRequest):
         request = EditRequest.from_counterfact(request)
-    if lam <= 0:
-        raise ValueError(f"kn_edit: lam must be positive, got {lam}")
+    check_number("kn_edit", "lam", lam, 0, strict=True)
+    check_number("kn_edit", "n_prompts", n_prompts, 1, integer=True)
     if check:
         request.check(model, tok)
     arch = adapter(model)
@@ -55,18 +68,19 @@ def kn_edit(model, tok, request: EditRequest | dict, prompts: list[str] | None =
             prefixes = context_templates(model, tok)[:n_prompts]
             prompts = [t.replace("{}", request.text) for t in prefixes]
         neurons = knowledge_neurons(model, tok, prompts, old, **kn_kw)
-    neurons = [(arch._check_layer(int(l)), int(i)) for l, i in neurons]
-    for l, i in neurons:
-        if not 0 <= i < arch.d_ff:
-            raise ValueError(f"kn_edit: neuron index {i} out of range (d_ff={arch.d_ff})")
-    layers = sorted({l for l, _ in neurons}) or [arch.n_layers - 1]
+        if not neurons:
+            raise ValueError(f"kn_edit: no knowledge neurons found for {old!r} after {request.text!r}; "
+                             f"nothing to edit (try a lower threshold t or other prompts)")
+    neurons = check_neuron_list(arch, neurons, "kn_edit")
+    layers = sorted({l for l, _ in neurons})
     names = [param_name(model, arch.value_module(l), "weight") for l in layers]
     shift = lam * (answer_embedding(model, tok, request.target_new) - answer_embedding(model, tok, old))
+    check_finite(shift, "kn_edit: the value shift")
     with recording(model, names, method="KN") as edit:
         with torch.no_grad():
             for l, i in neurons:
                 V = arch.value_matrix(l)                    # (d_ff, d_model) view of the weight
                 V[i] += shift.to(V.dtype)
-    edit.n_params = len(set(neurons)) * arch.d_model
+    edit.n_params = len(neurons) * arch.d_model
     edit.info = dict(neurons=neurons, old=old, lam=lam, request=request)
     return edit

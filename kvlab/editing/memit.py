@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 from ..arch import adapter
 from ..hooks import capture
 from ..loading import hub_name, is_builtin
-from ..text import pad_rows
+from ..text import pad_rows, right_padded
 from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .covariance import key_covariance, solve
-from .rome import prompt_rows, compute_key, compute_value, context_templates, value_at
+from .rome import (check_covariance, check_finite, check_number, check_template, compute_key, compute_value,
+                   context_templates, prompt_rows, value_at)
 
 # Layer ranges and λ from the paper (REFERENCE.md), keyed by the model's hub name.
 PAPER_LAYERS = {"gpt2-xl": (13, 14, 15, 16, 17), "gpt-j-6b": (3, 4, 5, 6, 7, 8)}
@@ -76,6 +77,24 @@ class MEMITConfig:
     cov_samples: int = 2000         # corpus texts for each layer's C
     ridge: float = 0.0              # C + ridge·mean(diag C)·I in the update (0: as the paper)
     batch_rows: int = 256           # prompt rows per forward pass when reading keys
+
+    def validate(self, where: str = "MEMITConfig") -> "MEMITConfig":
+        """Raise ValueError, naming the field, for a value the edit cannot run with."""
+        if self.lam is not None:
+            check_number(where, "lam", self.lam, 0)
+        check_number(where, "v_steps", self.v_steps, 1, integer=True)
+        check_number(where, "v_lr", self.v_lr, 0, strict=True)
+        check_number(where, "kl_factor", self.kl_factor, 0)
+        check_number(where, "weight_decay", self.weight_decay, 0)
+        check_number(where, "clamp", self.clamp, 0, strict=True)
+        check_template(where, "kl_prompt", self.kl_prompt)
+        check_number(where, "early_stop", self.early_stop, 0)
+        check_number(where, "n_templates", self.n_templates, 0, integer=True)
+        check_number(where, "template_length", self.template_length, 1, integer=True)
+        check_number(where, "cov_samples", self.cov_samples, 1, integer=True)
+        check_number(where, "ridge", self.ridge, 0)
+        check_number(where, "batch_rows", self.batch_rows, 1, integer=True)
+        return self
 
 
 def default_config(model) -> MEMITConfig:
@@ -132,17 +151,15 @@ def as_requests(requests) -> list[EditRequest]:
 
 
 def check_layers(model, layers) -> tuple[int, ...]:
-    """Sorted, distinct, in-range layer indices (negative ones count from the end)."""
-    arch = adapter(model)
-    if isinstance(layers, int):
-        layers = (layers,)
+    """Sorted, distinct, in-range layer indices (negative ones count from the end), via the adapter."""
+    if layers is not None and not isinstance(layers, (int, str)):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("MEMIT: empty layer range")
     try:
-        layers = tuple(sorted({arch._check_layer(int(l)) for l in layers}))
+        return tuple(adapter(model).check_layers(layers))
     except IndexError as e:
         raise ValueError(f"MEMIT: {e}") from None
-    if not layers:
-        raise ValueError("MEMIT: empty layer range")
-    return layers
 
 
 @torch.no_grad()
@@ -256,18 +273,20 @@ def apply_memit(model, tok, requests, layers=None, lam: float | None = None,
     :func:`default_layers`); ``lam``: λ (default :func:`default_lambda`). ``covs``: {layer: C}
     (missing layers: the world corpus, cached). ``targets``: precomputed z (n, d_model) at
     max(layers) from :func:`compute_targets` on the *unedited* model (lets a caller reuse them
-    across batch sizes). ``overrides`` set :class:`MEMITConfig` fields. ``check`` rejects
-    requests the model already satisfies. ``edit.info`` holds the layers, λ, z and, per layer,
-    the residual norm before its update.
+    across batch sizes). ``overrides`` set :class:`MEMITConfig` fields of a copy of ``config``,
+    checked up front (:meth:`MEMITConfig.validate`). ``check`` rejects requests the model already
+    satisfies. A covariance, target or update with NaN/inf entries raises before it is written.
+    ``edit.info`` holds the layers, λ, z and, per layer, the residual norm before its update.
     """
-    cfg = configure(config or default_config(model), overrides, "apply_memit")
+    # a copy: the caller's config is not changed by the overrides
+    cfg = configure(dataclasses.replace(config or default_config(model)), overrides, "apply_memit")
+    cfg.validate("apply_memit")
     requests = as_requests(requests)
     arch = adapter(model)
     layers = check_layers(model, layers if layers is not None else cfg.layers if cfg.layers is not None
                           else default_layers(model))
-    lam = float(lam if lam is not None else cfg.lam if cfg.lam is not None else default_lambda(model))
-    if lam < 0:
-        raise ValueError(f"apply_memit: λ must be ≥ 0, got {lam}")
+    lam = lam if lam is not None else cfg.lam if cfg.lam is not None else default_lambda(model)
+    lam = float(check_number("apply_memit", "λ", lam, 0))
     last = layers[-1]
     if check:
         for r in requests:
@@ -277,17 +296,16 @@ def apply_memit(model, tok, requests, layers=None, lam: float | None = None,
     covs = dict(covs or {})
     for l in layers:
         if l not in covs:
-            covs[l] = key_covariance(model, tok, l, n=cfg.cov_samples, progress=False)
-        if covs[l].shape != (arch.d_ff, arch.d_ff):
-            raise ValueError(f"apply_memit: C for layer {l} is {tuple(covs[l].shape)}, expected "
-                             f"({arch.d_ff}, {arch.d_ff})")
+            with right_padded(tok):               # key_covariance pads through the tokenizer
+                covs[l] = key_covariance(model, tok, l, n=cfg.cov_samples, progress=False)
+        check_covariance(covs[l], arch.d_ff, f"apply_memit: layer {l}")
     logs: list[dict] = []
     if targets is None:
         targets, logs = compute_targets(model, tok, requests, last, templates, cfg, progress)
     if targets.shape != (len(requests), arch.d_model):
         raise ValueError(f"apply_memit: targets are {tuple(targets.shape)}, expected "
                          f"({len(requests)}, {arch.d_model})")
-    z = targets.double().cpu()
+    z = check_finite(targets.double().cpu(), "apply_memit: the targets z")
     names = [param_name(model, arch.value_module(l), "weight") for l in layers]
     resid_norms = []
     with recording(model, names, method="MEMIT") as edit:
@@ -297,8 +315,9 @@ def apply_memit(model, tok, requests, layers=None, lam: float | None = None,
             resid_norms.append(float(R.norm(dim=1).mean()))
             dV = memit_update(K, R / (len(layers) - i), covs[l], lam, cfg.ridge)  # (d_ff, d_model)
             V = arch.value_matrix(l)
+            dV = check_finite(dV.to(V.device, V.dtype), f"apply_memit: the update of layer {l}")
             with torch.no_grad():
-                V.add_(dV.to(V.device, V.dtype))
+                V.add_(dV)
         final = residual_at(model, tok, requests, last)
         resid_norms.append(float((z - final).norm(dim=1).mean()))
     edit.info = dict(layers=layers, lam=lam, targets=z, residual_norms=resid_norms, requests=requests,

@@ -19,6 +19,9 @@ of o_new on rewrite/paraphrase prompts and of o_true on neighbourhood prompts).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 import re
 import time
@@ -29,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import model_device
-from ..text import encode, ensure_pad, pad_rows, token_ids
+from ..text import check_length, encode, max_positions, pad_rows, prompt_ids, token_ids
 from .base import EditRequest, WeightEdit, as_record
 
 
@@ -51,7 +54,7 @@ def target_nll(model, tok, prompts: list[str], targets: list[str], batch_size: i
     for i in range(0, len(prompts), batch_size):
         rows, pos, tgts = [], [], []
         for p, t in zip(prompts[i:i + batch_size], targets[i:i + batch_size]):
-            pid, tid = tok(p)["input_ids"], token_ids(tok, t)
+            pid, tid = prompt_ids(tok, p), token_ids(tok, t)
             rows.append(pid + tid[:-1])
             pos.append([len(pid) - 1 + j for j in range(len(tid))])
             tgts.append(tid)
@@ -161,22 +164,61 @@ def evaluate(model, tok, records: list[dict], token_accuracy: bool = False, flue
     return res
 
 
+def editor_options(editor: Callable[..., WeightEdit]) -> set[str] | None:
+    """The keyword options ``editor`` accepts after (model, tok, request).
+
+    Its named parameters and, for kvlab's editors, what their ``**overrides`` / ``**kn_kw`` take
+    (the config's fields, :func:`kvlab.neurons.knowledge_neurons`'s parameters). None when it takes
+    other ``**kwargs``, which cannot be listed.
+    """
+    from ..neurons import knowledge_neurons
+    from .finetune import FTConfig, finetune_edit, ft_keys, ft_values
+    from .kn import kn_edit
+    from .memit import MEMITConfig, apply_memit
+    from .rome import ROMEConfig, apply_rome
+
+    forwarded = {apply_rome: [ROMEConfig], apply_memit: [MEMITConfig], finetune_edit: [FTConfig],
+                 ft_keys: [finetune_edit, FTConfig], ft_values: [finetune_edit, FTConfig],
+                 kn_edit: [knowledge_neurons]}
+    base = editor.func if isinstance(editor, functools.partial) else editor
+    names: set[str] = set()
+    for source in [editor] + forwarded.get(base, []):
+        if dataclasses.is_dataclass(source):
+            names |= {f.name for f in dataclasses.fields(source)}
+            continue
+        try:
+            params = list(inspect.signature(source).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind is p.VAR_KEYWORD for p in params) and base not in forwarded:
+            return None
+        names |= {p.name for p in params[3:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names
+
+
 def evaluate_edits(model, tok, records: list[dict], editor: Callable[..., WeightEdit], progress: bool = True,
                    token_accuracy: bool = False, **editor_kw) -> dict:
     """Apply ``editor(model, tok, request, **editor_kw)`` for each record, score that record, undo.
 
     Returns the averaged metrics plus ``params`` (mean parameters the editor may change),
-    ``seconds`` (mean wall time per edit) and ``skipped`` (requests the editor rejected, e.g.
-    because the model already predicts the new target).
+    ``seconds`` (mean wall time per edit) and ``skipped`` (requests the editor rejected with a
+    ValueError, e.g. because the model already predicts the new target). An option the editor
+    does not take raises before any edit; if every request is rejected, the error gives the reasons.
     """
-    rows, secs, params, skipped = [], [], [], 0
-    for rec in tqdm(records, desc=getattr(editor, "__name__", "edit"), disable=not progress, leave=False):
+    name = getattr(editor, "__name__", "edit")
+    valid = editor_options(editor)
+    unknown = sorted(set(editor_kw) - valid) if valid is not None else []
+    if unknown:
+        raise ValueError(f"evaluate_edits: unknown option(s) {', '.join(map(repr, unknown))} for {name}; "
+                         f"valid options: {', '.join(sorted(valid))}")
+    rows, secs, params, reasons = [], [], [], Counter()
+    for rec in tqdm(records, desc=name, disable=not progress, leave=False):
         req = EditRequest.from_counterfact(rec)
         t0 = time.perf_counter()
         try:
             edit = editor(model, tok, req, **editor_kw)
-        except ValueError:
-            skipped += 1
+        except ValueError as e:
+            reasons[str(e)] += 1
             continue
         secs.append(time.perf_counter() - t0)
         try:
@@ -185,7 +227,9 @@ def evaluate_edits(model, tok, records: list[dict], editor: Callable[..., Weight
             edit.undo()
         params.append(edit.n_params)
     if not rows:
-        raise ValueError("evaluate_edits: every request was rejected by the editor")
+        why = "; ".join(f"{r} ({n}x)" for r, n in reasons.most_common(3))
+        raise ValueError(f"evaluate_edits: every request was rejected by the editor: {why or 'no records'}")
+    skipped = sum(reasons.values())
     res = summarize(rows)
     res.update(params=sum(params) / len(params), seconds=sum(secs) / len(secs), skipped=skipped)
     return res
@@ -221,13 +265,15 @@ def n_gram_entropy(texts: list[str]) -> float:
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], length: int = 30, top_k: int = 5, seed: int = 0) -> list[str]:
     """Top-k sampled continuations (prompt included), ``length`` new tokens each."""
-    ensure_pad(tok)
     dev = model_device(model)
     g = torch.Generator().manual_seed(seed)
-    max_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 10**9)
+    limit = max_positions(model)
+    max_pos = limit[0] if limit else 10**9
     out = []
     for p in prompts:
-        ids = torch.tensor([tok(p)["input_ids"]], device=dev)
+        row = prompt_ids(tok, p)
+        check_length(model, len(row), f"generation prompt {p!r}")
+        ids = torch.tensor([row], device=dev)
         for _ in range(min(length, max_pos - ids.shape[1])):
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float().cpu()
             top = logits.topk(top_k)

@@ -24,6 +24,9 @@ uses k̄ for both, the formula as written in the paper). C⁻¹ is applied with 
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 import weakref
 from dataclasses import dataclass
 
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from ..arch import adapter, model_device
 from ..hooks import capture, patch
 from ..loading import hub_name, is_builtin
-from ..text import ensure_pad, pad_rows, subject_token_range, token_ids
+from ..text import pad_rows, prompt_ids, right_padded, subject_token_range, token_ids
 from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .covariance import key_covariance, solve
 
@@ -62,6 +65,46 @@ class ROMEConfig:
     early_stop: float = 5e-2      # stop when the NLL of the new object falls below this
     cov_samples: int = 2000       # texts for C when it is not passed in
     anchor: str = "prompt"        # key that must map to v*: "prompt" (bare prompt, ROME's code) or "mean"
+
+    def validate(self, where: str = "ROMEConfig") -> "ROMEConfig":
+        """Raise ValueError, naming the field, for a value the edit cannot run with."""
+        check_number(where, "v_steps", self.v_steps, 1, integer=True)
+        check_number(where, "v_lr", self.v_lr, 0, strict=True)
+        check_number(where, "kl_factor", self.kl_factor, 0)
+        check_number(where, "weight_decay", self.weight_decay, 0)
+        check_number(where, "clamp", self.clamp, 0, strict=True)
+        check_template(where, "kl_prompt", self.kl_prompt)
+        check_number(where, "n_templates", self.n_templates, 0, integer=True)
+        check_number(where, "template_length", self.template_length, 1, integer=True)
+        check_number(where, "early_stop", self.early_stop, 0)
+        check_number(where, "cov_samples", self.cov_samples, 1, integer=True)
+        if self.anchor not in ("prompt", "mean"):
+            raise ValueError(f"{where}: anchor must be 'prompt' or 'mean', got {self.anchor!r}")
+        return self
+
+
+def check_number(where: str, name: str, value, low: float, integer: bool = False, strict: bool = False):
+    """``value`` if it is a finite number (an integer if ``integer``) ≥ ``low`` (> if ``strict``), else ValueError."""
+    kind = numbers.Integral if integer else numbers.Real
+    if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < low
+            or (strict and value == low)):
+        need = f"{'an integer' if integer else 'a finite number'} {'>' if strict else '≥'} {low}"
+        raise ValueError(f"{where}: {name} must be {need}, got {value!r}")
+    return value
+
+
+def check_templates(where: str, templates) -> list[str]:
+    """``templates`` if it is a non-empty list (k* and v* average over it), else ValueError."""
+    if isinstance(templates, str) or not templates:
+        raise ValueError(f"{where}: no context templates given (a list like ['{{}}'] is needed), got {templates!r}")
+    return templates
+
+
+def check_template(where: str, name: str, template) -> str:
+    """``template`` if it is a string with "{}" exactly once (where the subject goes), else ValueError."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ValueError(f"{where}: {name} must be a string with '{{}}' exactly once for the subject, got {template!r}")
+    return template
 
 
 def default_config(model) -> ROMEConfig:
@@ -98,7 +141,6 @@ def context_templates(model, tok, n: int = 20, length: int = 10, seed: int = 0) 
     per_model = _TEMPLATE_CACHE.setdefault(model, {})
     if key in per_model:
         return per_model[key]
-    ensure_pad(tok)
     dev = model_device(model)
     g = torch.Generator().manual_seed(seed)
     starts = [tok(w, add_special_tokens=False)["input_ids"] for w in START_WORDS]
@@ -127,11 +169,7 @@ def context_templates(model, tok, n: int = 20, length: int = 10, seed: int = 0) 
 
 def _subject_last(tok, text: str, subject: str, char_start: int) -> int:
     """Index of the last token of the subject mention that starts at ``char_start`` in ``text``."""
-    occurrence, i = 0, text.find(subject)
-    while i != -1 and i < char_start:
-        occurrence += 1
-        i = text.find(subject, i + 1)
-    return subject_token_range(tok, text, subject, occurrence)[1] - 1
+    return subject_token_range(tok, text, subject, char_start=char_start)[1] - 1
 
 
 def _fill(template: str, request: EditRequest) -> tuple[str, int]:
@@ -142,12 +180,19 @@ def _fill(template: str, request: EditRequest) -> tuple[str, int]:
 
 
 def prompt_rows(tok, request: EditRequest, templates: list[str]) -> tuple[list[list[int]], list[int]]:
-    """Token ids of each template filled with the request's prompt, and the subject's last index."""
+    """Token ids of each template filled with the request's prompt, and the subject's last index.
+
+    The request's prompt must be made of words the tokenizer knows (else ValueError); the context
+    prefixes may contain unknown ones (e.g. "." for a vocabulary without punctuation): they are context.
+    """
+    if isinstance(templates, str):
+        raise ValueError(f"templates must be a list of strings, got the string {templates!r}")
     rows, idx = [], []
     for t in templates:
-        text, c0 = _fill(t, request)
-        rows.append(tok(text)["input_ids"])
-        idx.append(_subject_last(tok, text, request.subject, c0))
+        text, c0 = _fill(check_template("prompt_rows", "a context template", t), request)
+        idx.append(_subject_last(tok, text, request.subject, c0))   # first: its errors name the subject
+        rows.append(prompt_ids(tok, text, allow_unk=True))
+    prompt_ids(tok, request.text)                                   # raises for unknown words in the prompt
     return rows, idx
 
 
@@ -159,7 +204,7 @@ def prompt_rows(tok, request: EditRequest, templates: list[str]) -> tuple[list[l
 def compute_key(model, tok, request: EditRequest, layer: int, templates: list[str]) -> torch.Tensor:
     """k* (d_ff,): input of the value projection at the subject's last token, averaged over templates."""
     arch = adapter(model)
-    rows, idx = prompt_rows(tok, request, templates)
+    rows, idx = prompt_rows(tok, request, check_templates("compute_key", templates))
     ids, mask = pad_rows(model, tok, rows)
     with capture(model, {"k": arch.value_module(layer)}, what="input") as st:
         model(input_ids=ids, attention_mask=mask)
@@ -187,13 +232,19 @@ def compute_value(model, tok, request: EditRequest, layer: int, templates: list[
     ``kl_prompt`` + ``weight_decay`` · ‖δ‖²/‖v_init‖²; after each step ‖δ‖ ≤ clamp·‖v_init‖.
     ``log`` (a dict) receives the loss curve and the final NLL / probability.
     """
+    for name, value, low, strict in (("steps", steps, 1, False), ("lr", lr, 0, True), ("clamp", clamp, 0, True),
+                                     ("kl_factor", kl_factor, 0, False), ("weight_decay", weight_decay, 0, False),
+                                     ("early_stop", early_stop, 0, False)):
+        check_number("compute_value", name, value, low, integer=name == "steps", strict=strict)
+    check_template("compute_value", "kl_prompt", kl_prompt)
+    check_templates("compute_value", templates)
     arch = adapter(model)
     module = arch.value_module(layer)
     tgt = token_ids(tok, request.target_new)
     rows, idx = prompt_rows(tok, request, templates)
     n_rw = len(rows)
     kl_text = kl_prompt.replace("{}", request.subject)
-    rows.append(tok(kl_text)["input_ids"])
+    rows.append(prompt_ids(tok, kl_text, allow_unk=True))          # context, like the templates
     idx.append(_subject_last(tok, kl_text, request.subject, kl_prompt.index("{}")))
     # rewrite rows: prompt + target[:-1]; the target token j is predicted at len(prompt)-1+j
     tgt_pos = [[len(r) - 1 + j for j in range(len(tgt))] for r in rows[:n_rw]]
@@ -267,6 +318,23 @@ def rome_update(V: torch.Tensor, bias: torch.Tensor | None, k_star: torch.Tensor
     return torch.outer(u, lam)                                          # (d_ff, d_model)
 
 
+def check_covariance(C: torch.Tensor, d_ff: int, where: str) -> torch.Tensor:
+    """``C`` if it is a finite (d_ff, d_ff) matrix, else ValueError."""
+    if not isinstance(C, torch.Tensor) or C.shape != (d_ff, d_ff):
+        raise ValueError(f"{where}: the covariance must be a ({d_ff}, {d_ff}) tensor, got "
+                         f"{tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__}")
+    check_finite(C, f"{where}: the covariance")
+    return C
+
+
+def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` if every entry is finite, else ValueError (raised before any weight is written)."""
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} has {int((~torch.isfinite(x)).sum())} NaN/inf entries; nothing was written "
+                         f"(check the covariance and the config)")
+    return x
+
+
 def apply_rome(model, tok, request: EditRequest | dict, layer: int | None = None, cov: torch.Tensor | None = None,
                templates: list[str] | None = None, config: ROMEConfig | None = None, check: bool = True,
                **overrides) -> WeightEdit:
@@ -274,23 +342,30 @@ def apply_rome(model, tok, request: EditRequest | dict, layer: int | None = None
 
     ``request``: an :class:`EditRequest` or a CounterFact record. ``cov``: C for the layer
     (computed from the world corpus and cached when None). ``overrides`` set fields of
-    :class:`ROMEConfig` (e.g. ``v_steps=40``) of :func:`default_config`. The edit's ``info`` holds
-    k*, v*, u, the layer and the optimisation log.
+    :class:`ROMEConfig` (e.g. ``v_steps=40``) of :func:`default_config`; ``config`` itself is not
+    changed. The edit's ``info`` holds k*, v*, u, the layer and the optimisation log.
+
+    Bad input raises ValueError before any weight is written: config numbers out of range
+    (:meth:`ROMEConfig.validate`), a covariance that is not a finite (d_ff, d_ff) matrix, an
+    update with NaN/inf entries, and what :mod:`kvlab.text` rejects (unknown words, whitespace
+    around the target, a subject inside a word, a prompt longer than the model).
     """
     if not isinstance(request, EditRequest):
         request = EditRequest.from_counterfact(request)
-    cfg = configure(config or default_config(model), overrides, "apply_rome")
+    # a copy: the caller's config is not changed by the overrides
+    cfg = configure(dataclasses.replace(config or default_config(model)), overrides, "apply_rome")
+    cfg.validate("apply_rome")
     arch = adapter(model)
     layer = arch._check_layer(layer if layer is not None else cfg.layer if cfg.layer is not None
                               else default_layer(model))
-    if cfg.anchor not in ("prompt", "mean"):
-        raise ValueError(f"apply_rome: anchor must be 'prompt' or 'mean', got {cfg.anchor!r}")
     if check:
         request.check(model, tok)
     if templates is None:
         templates = context_templates(model, tok, cfg.n_templates, cfg.template_length)
     if cov is None:
-        cov = key_covariance(model, tok, layer, n=cfg.cov_samples, progress=False)
+        with right_padded(tok):                   # key_covariance pads through the tokenizer
+            cov = key_covariance(model, tok, layer, n=cfg.cov_samples, progress=False)
+    check_covariance(cov, arch.d_ff, "apply_rome")
     module = arch.value_module(layer)
     names = [param_name(model, module, "weight")]
     log: dict = {}
@@ -300,9 +375,10 @@ def apply_rome(model, tok, request: EditRequest | dict, layer: int | None = None
         v_star = compute_value(model, tok, request, layer, templates, k_star, cfg.v_steps, cfg.v_lr,
                                cfg.kl_factor, cfg.weight_decay, cfg.clamp, cfg.kl_prompt, cfg.early_stop, log)
         V = arch.value_matrix(layer)
-        dV = rome_update(V.detach(), arch.value_bias(layer), k_star, v_star, cov, k_dir=k_mean)
+        dV = rome_update(V.detach(), arch.value_bias(layer), k_star, v_star, cov, k_dir=k_mean).to(V.dtype)
+        check_finite(dV, f"apply_rome: the update of layer {layer}")
         with torch.no_grad():
-            V.add_(dV.to(V.dtype))
+            V.add_(dV)
     edit.info = dict(layer=layer, k_star=k_star, k_mean=k_mean, v_star=v_star, request=request, **log)
     edit.n_params = module.weight.numel()
     return edit
