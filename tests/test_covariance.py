@@ -302,3 +302,14 @@ def test_unwritable_cache_warns_once_and_edits_still_work(tmp_path, monkeypatch,
     torch.testing.assert_close(C, C_of(model, tok, cache=False))
     if how == "read-only":
         folder.chmod(0o700)
+
+
+def test_left_padding_tokenizer_gives_the_same_C_and_is_restored():
+    """key_covariance pads through the tokenizer: a caller's left padding must not change C, and stays set."""
+    model, tok, arch = tiny("gpt2")
+    texts = ["the king of france", "anna berg lives in paris", "tom"]
+    right = cov.key_covariance(model, tok, 1, texts=texts, cache=False, progress=False)
+    tok.padding_side = "left"
+    left = cov.key_covariance(model, tok, 1, texts=texts, cache=False, progress=False)
+    assert tok.padding_side == "left"
+    assert torch.allclose(left, right, atol=1e-10)

@@ -64,6 +64,9 @@ class EditRequest:
             raise ValueError(f"EditRequest: prompt {self.prompt!r} has no '{{}}' placeholder for the subject{hint}")
         if self.prompt.count("{}") != 1:
             raise ValueError(f"EditRequest: prompt {self.prompt!r} must contain '{{}}' exactly once")
+        if "{" in self.prompt.replace("{}", "") or "}" in self.prompt.replace("{}", ""):
+            raise ValueError(f"EditRequest: prompt {self.prompt!r} has braces besides the one '{{}}' for the "
+                             f"subject (a template field such as '{{sport}}' is not filled in)")
         if not isinstance(self.target_new, str) or not self.target_new.strip():
             raise ValueError(f"EditRequest: empty target_new {self.target_new!r}")
         if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
@@ -72,7 +75,7 @@ class EditRequest:
     @property
     def text(self) -> str:
         """The prompt with the subject filled in, e.g. ``"Anna Berg lives in"``."""
-        return self.prompt.format(self.subject)
+        return self.prompt.replace("{}", self.subject)
 
     @classmethod
     def from_text(cls, text: str, subject: str, target_new: str, **kw) -> "EditRequest":

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from ..arch import adapter, model_device
 from ..env import cache_dir
 from ..hooks import capture
-from ..text import ensure_pad
+from ..text import ensure_pad, right_padded
 
 DEFAULT_CACHE_MAX_MB = 2048
 DEFAULT_MEMORY_MAX_MB = 1024
@@ -331,7 +331,8 @@ def key_covariance(model, tok, layer: int, texts: list[str] | None = None, n: in
     it = range(0, len(texts), batch_size)
     for i in tqdm(it, desc=f"key covariance L{layer}", disable=not progress, leave=False):
         chunk = texts[i:i + batch_size]
-        enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        with right_padded(tok):   # whatever the caller's padding_side; masked either way, but C's key assumes it
+            enc = tok(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         ids = enc["input_ids"].to(model_device(model))
         mask = enc["attention_mask"].to(ids.device)
         with capture(model, {"k": arch.value_module(layer)}, what="input") as st:
