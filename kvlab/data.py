@@ -32,7 +32,9 @@ SOURCES = ("auto", "world", "rome")
 
 @dataclass(frozen=True)
 class KnownFact:
-    """One record of known_1000.json: ``prompt == template.format(subject)``."""
+    """One record of known_1000.json. ``prompt`` (what the model is asked) contains ``subject``; it is
+    usually ``template.format(subject)`` but not always (in ROME's record 0 the template ends "... the
+    continent" and the prompt "... the continent of"): methods use ``prompt``."""
 
     known_id: int
     subject: str

@@ -131,3 +131,15 @@ def test_sources_auto_world_rome_path_url(tmp_path, monkeypatch):
         load_known("auto")
     with pytest.raises(FileNotFoundError, match="not found; a source is one of"):
         load_counterfact("wrold")
+
+
+def test_real_known_1000_records_load_unchanged():
+    """Twelve records of ROME's own known_1000.json, as published (tests/data/README.md)."""
+    from dataclasses import asdict
+    from pathlib import Path
+    path = Path(__file__).parent / "data" / "known_1000_head.json"
+    raw = json.loads(path.read_text())
+    facts = load_known(path)
+    assert [asdict(f) for f in facts] == raw
+    assert all(f.subject in f.prompt for f in facts)
+    assert facts[0].prompt != facts[0].template.format(facts[0].subject)   # the real file's quirk, kept
