@@ -71,14 +71,16 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
 
 
 def load(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
-         dtype: str | torch.dtype | None = None) -> Loaded:
+         dtype: str | torch.dtype | None = None, device_map: str | dict | None = None) -> Loaded:
     """Load a causal LM, its tokenizer and its :class:`~kvlab.arch.Adapter`.
 
     ``None`` or ``"kvlab/world"`` gives the built-in model shipped in ``data/world`` (works
     offline). Anything else is passed to ``transformers`` (a local folder or a hub id such
     as ``"gpt2-xl"``, ``"EleutherAI/gpt-j-6b"``, ``"EleutherAI/pythia-410m"``,
     ``"meta-llama/Llama-2-7b-hf"``). The model is put in eval mode with gradients off.
-    Default dtype: float32 on CPU, float16 on GPU.
+    Default dtype: float32 on CPU, float16 on GPU. ``device_map`` (e.g. ``"auto"``, needs
+    ``accelerate``) spreads a model too large for one GPU over the available devices, in place of
+    ``device``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,7 +89,8 @@ def load(name_or_path: str | os.PathLike | None = None, device: str | torch.devi
     source = world_model_dir() if name_or_path in (None, DEFAULT_MODEL) else name_or_path
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **dtype_kwarg(dt))
+        extra = {} if device_map is None else {"device_map": device_map}
+        model = AutoModelForCausalLM.from_pretrained(source, **dtype_kwarg(dt), **extra)
     except (OSError, ValueError) as e:
         raise OSError(
             f"could not load {str(name_or_path)!r} from {str(source)!r}. If this is a hub id, this machine "
@@ -96,6 +99,8 @@ def load(name_or_path: str | os.PathLike | None = None, device: str | torch.devi
     adapter(model)  # raises UnsupportedArchitecture early, naming the supported families
     check_tokenizer(model, tok)
     ensure_pad(tok)
-    model.to(dev).eval()
+    if device_map is None:
+        model.to(dev)
+    model.eval()
     model.requires_grad_(False)
     return Loaded(model, tok, adapter(model))

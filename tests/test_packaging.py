@@ -114,3 +114,10 @@ def test_dtype_keyword_follows_transformers_version(monkeypatch):
                          ("4.57.0.dev0", "dtype")):
         monkeypatch.setattr(transformers, "__version__", version)
         assert dtype_kwarg(torch.float16) == {key: torch.float16}
+
+
+def test_load_with_device_map_keeps_the_model_where_accelerate_put_it():
+    import kvlab
+    model, tok, arch = kvlab.load(device_map={"": "cpu"}, dtype="float32")
+    assert next(model.parameters()).device.type == "cpu" and not model.training
+    assert kvlab.memory.coefficients(model, tok, "Uwe Keller was born in", layers=0).shape[-1] == arch.d_ff
