@@ -37,6 +37,22 @@ def tiny_tokenizer():
     return tok
 
 
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained offline on a few sentences (GPT-2-like: unseen words split into
+    pieces, leading-space tokens), for subword cases the word-level :func:`tiny_tokenizer` cannot show."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.post_processor = processors.ByteLevel(trim_offsets=True)
+    corpus = ["the city of paris is in france", "the eiffel tower is in paris", "rome is the capital"] * 20
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
+
+
 def tiny_config(family: str, vocab_size: int, d: int = 32, n_layers: int = 3, d_ff: int = 64, heads: int = 4,
                 positions: int = 64):
     import transformers as T

@@ -17,26 +17,13 @@ from kvlab.editing.kn import kn_edit
 from kvlab.editing.memit import apply_memit
 from kvlab.editing.metrics import generate
 from kvlab.neurons import answer_prob
-from kvlab.testing import tiny
+from kvlab.testing import bpe_tokenizer, tiny
 from kvlab.text import encode, subject_token_range, token_ids
 
 TEMPLATES = ["{}", "the king of france {}", "one two three {}"]   # tiny vocabulary has no "."
 REQ = EditRequest("{} lives in", "anna berg", "rome", target_true="paris")
 
 
-def _bpe_tokenizer():
-    """A byte-level BPE tokenizer trained offline (GPT-2-like: unseen words split into pieces), as in test_tracing."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.post_processor = processors.ByteLevel(trim_offsets=True)
-    corpus = ["the city of paris is in france", "the eiffel tower is in paris", "rome is the capital"] * 20
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +75,7 @@ def test_unknown_word_in_prompt(world):
 
 
 def test_byte_level_tokenizer_has_no_unknown_words():
-    tok = _bpe_tokenizer()
+    tok = bpe_tokenizer()
     assert tok.decode(token_ids(tok, "Zorblax")).strip() == "Zorblax"
     assert subject_token_range(tok, "Zorblax Quux lives in", "Zorblax Quux")[0] == 0
 
@@ -141,7 +128,7 @@ def test_subject_inside_a_word_word_level(world, gpt2):
 
 
 def test_subject_inside_a_word_bpe():
-    tok = _bpe_tokenizer()
+    tok = bpe_tokenizer()
     prompt = "the city of parisian rome"
     with pytest.raises(ValueError, match=r"'isian'.*inside the token\(s\) 'parisian'"):
         subject_token_range(tok, prompt, "isian")        # starts inside the token "Ġparis"

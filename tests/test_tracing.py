@@ -5,7 +5,7 @@ import torch
 from kvlab import tracing
 from kvlab.arch import adapter
 from kvlab.hooks import capture, patch
-from kvlab.testing import FAMILIES, tiny
+from kvlab.testing import FAMILIES, bpe_tokenizer, tiny
 from kvlab.text import encode, subject_token_range
 
 PROMPT, SUBJECT = "of anna berg is in", "anna berg"
@@ -231,23 +231,10 @@ def test_average_effects():
 
 
 # ----------------------------------------------------------------------------- subject token ranges
-def _bpe_tokenizer():
-    """A byte-level BPE tokenizer trained offline on a few sentences (GPT-2-like: words split into pieces)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.post_processor = processors.ByteLevel(trim_offsets=True)
-    corpus = ["the city of paris is in france", "the eiffel tower is in paris", "rome is the capital"] * 20
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>")
 
 
 def test_subject_range_word_split_into_pieces():
-    tok = _bpe_tokenizer()
+    tok = bpe_tokenizer()
     prompt = "Danielle Mitterrand lives in"      # words unseen in training: split into many pieces
     ids = tok(prompt)["input_ids"]
     b, e = subject_token_range(tok, prompt, "Danielle Mitterrand")
@@ -258,7 +245,7 @@ def test_subject_range_word_split_into_pieces():
 
 def test_subject_range_only_on_token_and_word_boundaries():
     """A subject that starts or ends inside a token or a word is not a mention of it (more in test_inputs)."""
-    tok = _bpe_tokenizer()
+    tok = bpe_tokenizer()
     prompt = "the city of parisian rome"
     with pytest.raises(ValueError, match="part of the word 'parisian'"):
         subject_token_range(tok, prompt, "paris")        # "paris" is a prefix of "parisian"
@@ -300,9 +287,11 @@ def test_cache_params_found_from_signature():
     """The cache argument is found by annotation or name, whatever transformers calls it this version."""
     import inspect
 
+    from transformers.cache_utils import Cache
+
     def f(hidden_states, cache=None, use_cache=False, cache_position=None, **kw): ...
     def g(hidden_states, layer_past=None, attention_mask=None): ...
-    def h(hidden_states, kv: "Cache | None" = None, use_cache=False): ...
+    def h(hidden_states, kv: Cache | None = None, use_cache=False): ...
     def k(hidden_states, attention_mask=None, **kwargs): ...
     assert tracing.cache_params(inspect.signature(f)) == ("cache",)
     assert tracing.cache_params(inspect.signature(g)) == ("layer_past",)

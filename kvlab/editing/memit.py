@@ -41,7 +41,7 @@ from ..loading import hub_name, is_builtin
 from ..text import pad_rows, right_padded
 from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .covariance import key_covariance, solve
-from .rome import (check_covariance, check_finite, check_number, check_template, compute_key, compute_value,
+from .rome import (check_covariance, check_finite, check_number, check_v_config, compute_key, compute_value,
                    context_templates, prompt_rows, value_at)
 
 # Layer ranges and λ from the paper (REFERENCE.md), keyed by the model's hub name.
@@ -82,14 +82,8 @@ class MEMITConfig:
         """Raise ValueError, naming the field, for a value the edit cannot run with."""
         if self.lam is not None:
             check_number(where, "lam", self.lam, 0)
-        check_number(where, "v_steps", self.v_steps, 1, integer=True)
-        check_number(where, "v_lr", self.v_lr, 0, strict=True)
-        check_number(where, "kl_factor", self.kl_factor, 0)
-        check_number(where, "weight_decay", self.weight_decay, 0)
-        check_number(where, "clamp", self.clamp, 0, strict=True)
-        check_template(where, "kl_prompt", self.kl_prompt)
+        check_v_config(where, self)
         check_number(where, "early_stop", self.early_stop, 0)
-        check_number(where, "n_templates", self.n_templates, 0, integer=True)
         check_number(where, "template_length", self.template_length, 1, integer=True)
         check_number(where, "cov_samples", self.cov_samples, 1, integer=True)
         check_number(where, "ridge", self.ridge, 0)

@@ -68,19 +68,25 @@ class ROMEConfig:
 
     def validate(self, where: str = "ROMEConfig") -> "ROMEConfig":
         """Raise ValueError, naming the field, for a value the edit cannot run with."""
-        check_number(where, "v_steps", self.v_steps, 1, integer=True)
-        check_number(where, "v_lr", self.v_lr, 0, strict=True)
-        check_number(where, "kl_factor", self.kl_factor, 0)
-        check_number(where, "weight_decay", self.weight_decay, 0)
-        check_number(where, "clamp", self.clamp, 0, strict=True)
-        check_template(where, "kl_prompt", self.kl_prompt)
-        check_number(where, "n_templates", self.n_templates, 0, integer=True)
+        check_v_config(where, self)
         check_number(where, "template_length", self.template_length, 1, integer=True)
         check_number(where, "early_stop", self.early_stop, 0)
         check_number(where, "cov_samples", self.cov_samples, 1, integer=True)
         if self.anchor not in ("prompt", "mean"):
             raise ValueError(f"{where}: anchor must be 'prompt' or 'mean', got {self.anchor!r}")
         return self
+
+
+def check_v_config(where: str, cfg) -> None:
+    """The v* optimisation settings ROME and MEMIT share: steps, lr, KL factor, weight decay, clamp,
+    KL prompt and number of context templates."""
+    check_number(where, "v_steps", cfg.v_steps, 1, integer=True)
+    check_number(where, "v_lr", cfg.v_lr, 0, strict=True)
+    check_number(where, "kl_factor", cfg.kl_factor, 0)
+    check_number(where, "weight_decay", cfg.weight_decay, 0)
+    check_number(where, "clamp", cfg.clamp, 0, strict=True)
+    check_template(where, "kl_prompt", cfg.kl_prompt)
+    check_number(where, "n_templates", cfg.n_templates, 0, integer=True)
 
 
 def check_number(where: str, name: str, value, low: float, integer: bool = False, strict: bool = False):
