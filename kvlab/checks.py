@@ -62,8 +62,12 @@ def tolerance(x, scale: float | torch.Tensor = 1.0, factor: float = 64.0) -> flo
 
 
 def identity(name: str, err: float | torch.Tensor, tol: float) -> float:
-    """Assert an identity: ``err`` (a number, or a tensor of errors: its largest magnitude) ≤ ``tol``."""
-    err = float(err.abs().max()) if torch.is_tensor(err) else float(err)
+    """Assert an identity: ``err`` (a number, or a tensor of errors: its largest magnitude; an empty tensor
+    has none, 0) ≤ ``tol``."""
+    if torch.is_tensor(err):
+        err = float(err.detach().abs().max()) if err.numel() else 0.0
+    else:
+        err = float(err)
     if not err <= tol:                    # also catches NaN
         raise IdentityError(f"identity {name!r} fails: error {err:.3g} > tolerance {tol:.3g}")
     return err

@@ -16,6 +16,7 @@ Papers:
 from __future__ import annotations
 
 GEVA21 = "Geva et al. 2021"
+GEVA22 = "Geva et al. 2022"
 ROME = "Meng et al. 2022 (ROME), GPT-2 XL"
 MEMIT = "Meng et al. 2023 (MEMIT)"
 DAI = "Dai et al. 2022 (Knowledge Neurons)"
@@ -32,34 +33,48 @@ PAPER: dict[str, tuple[float | str, str]] = {
     "geva.agreement_high": (0.035, f"{GEVA21}: value agreement in the upper layers (~3.5%)"),
     "geva.agreement_random": (0.000004, f"{GEVA21}: random baseline (0.0004%)"),
     "geva.active_min": (0.10, f"{GEVA21}: 10–50% of memories active per layer"),
+    "geva.active_max": (0.50, f"{GEVA21}: 10–50% of memories active per layer"),
+    "geva.shallow_low": ("shallow patterns dominate", f"{GEVA21}: shallow patterns dominate the keys of layers 1–9"),
+    "geva.semantic_high": ("semantic patterns dominate", f"{GEVA21}: semantic patterns dominate the keys of layers 10–16"),
     "geva.composition": (0.68, f"{GEVA21}: layer prediction differs from every memory's in ≥68%"),
     "geva.residual_low": (0.33, f"{GEVA21}: residual = final prediction, low layers (~1/3)"),
     "geva.residual_high": (0.95, f"{GEVA21}: residual = final prediction, top layer (~95%)"),
+    "geva.compose_most": ("most", f"{GEVA21}: when the FFN changes the residual's prediction, the new top token is "
+                                  "mostly a composition (neither the residual's nor the FFN's own top token)"),
+    # Geva et al. 2022
+    "geva22.sub_updates": ("qualitative", f"{GEVA22}: the top sub-updates of upper layers promote the predicted "
+                                          "token or related concepts"),
     # ROME, causal tracing on 1,000 known facts
     "rome.clean_p": (0.270, f"{ROME}: mean clean p(answer) on known facts"),
     "rome.corrupted_p": (0.0847, f"{ROME}: mean corrupted p(answer)"),
     "rome.ate": (0.186, f"{ROME}: average total effect"),
     "rome.hidden_aie_subject": (0.087, f"{ROME}: hidden AIE peak at the last subject token, layer 15/48"),
+    "rome.hidden_peak_depth": (0.31, f"{ROME}: relative depth of the hidden AIE peak at the last subject token "
+                                     "(layer 15 of 48)"),
     "rome.mlp_aie_subject": (0.066, f"{ROME}: MLP AIE peak at the last subject token (~layer 17/48)"),
     "rome.attn_aie_subject": (0.016, f"{ROME}: attention AIE at the last subject token"),
     "rome.attn_peak_row": ("last token", f"{ROME}: attention's effect peaks at the last prompt token"),
     # ROME, CounterFact (×100)
     "rome.cf.unedited": (30.5, f"{ROME}: unedited S (ES 22.2, PS 24.7, NS 78.1)"),
+    "rome.cf.unedited_ns": (78.1, f"{ROME}: unedited NS"),
     "rome.cf.es": (100.0, f"{ROME}: ROME efficacy ES"),
     "rome.cf.ps": (96.4, f"{ROME}: ROME paraphrase PS"),
     "rome.cf.ns": (75.4, f"{ROME}: ROME neighborhood NS"),
     "rome.cf.s": (89.2, f"{ROME}: ROME score S"),
     "rome.cf.ft_ns": (40.4, f"{ROME}: fine-tuning (FT) NS"),
     "rome.cf.ft_es": (100.0, f"{ROME}: fine-tuning (FT) ES"),
+    "rome.cf.ft_s": (65.1, f"{ROME}: fine-tuning (FT) S"),
     "rome.cf.kn_s": (35.6, f"{ROME}: knowledge-neuron editor S"),
     # MEMIT
     "memit.s_10k": (85.8, f"{MEMIT}: 10,000 CounterFact edits on GPT-J, S"),
+    "memit.ns_10k": (73.7, f"{MEMIT}: 10,000 CounterFact edits on GPT-J, NS"),
     "memit.rome_s_10k": (50.3, f"{MEMIT}: sequential ROME, 10,000 edits on GPT-J, S"),
     # Knowledge neurons
     "kn.suppress": (-0.29, f"{DAI}: suppressing knowledge neurons, mean relative change in p"),
     "kn.amplify": (0.31, f"{DAI}: amplifying knowledge neurons, mean relative change in p"),
     "kn.baseline": (0.015, f"{DAI}: baseline neurons, mean relative change (~1.5%)"),
     "kn.per_fact": (4.0, f"{DAI}: about 4 knowledge neurons per fact"),
+    "kn.where": ("mostly top layers", f"{DAI}: knowledge neurons sit mostly in the top layers (BERT-base)"),
     # Qiu et al.
     "qiu.keys_beat_values": ("keys > values", f"{QIU}: updating keys beats updating values (LoRA, Llama-2-7B)"),
 }

@@ -34,6 +34,7 @@ def test_identity_raises_with_numbers():
         checks.identity("x", 0.01, 1e-6)
     with pytest.raises(checks.IdentityError):
         checks.identity("nan", float("nan"), 1.0)
+    assert checks.identity("no rows", torch.zeros(0, 6), 0.0) == 0.0      # e.g. no token before the subject
 
 
 def test_claim_verdicts_and_strictness(tmp_path, monkeypatch):

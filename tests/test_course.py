@@ -97,3 +97,46 @@ def test_claims_collected_into_json_and_scorecard(tmp_path):
     page = (tmp_path / "index.html").read_text()
     assert "Reproduction scorecard" in page and "1 reproduced, 0 partly reproduced, 1 not reproduced" in page
     assert "amplify &lt;b&gt;" in page
+
+
+def _notebook_calls(name: str):
+    """(notebook, call node) for every call of ``checks.<name>`` in the committed notebooks' code."""
+    import ast
+    for path in course.notebooks():
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type != "code":
+                continue
+            for node in ast.walk(ast.parse(cell.source)):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name \
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "checks":
+                    yield path, node
+
+
+def test_notebook_claims_have_unique_keys_and_known_references():
+    import ast
+    from kvlab.reference import PAPER
+    keys = []
+    for path, call in _notebook_calls("claim"):
+        key = call.args[0]
+        if isinstance(key, ast.JoinedStr):        # f"08.{role}_loss": check the literal prefix only
+            prefix = key.values[0].value if isinstance(key.values[0], ast.Constant) else ""
+            assert prefix.startswith(path.name[:2] + "."), (path.name, prefix)
+            continue
+        assert isinstance(key, ast.Constant) and key.value.startswith(path.name[:2] + "."), (path.name, ast.dump(key))
+        keys.append(key.value)
+        kw = {k.arg: k.value for k in call.keywords}
+        assert "model" in kw, f"{key.value}: pass model= so the claim is strict on the built-in model"
+        if "ref" in kw:
+            assert kw["ref"].value in PAPER, f"{key.value}: unknown reference {kw['ref'].value!r}"
+        else:
+            assert "source" in kw, f"{key.value}: cite the paper (ref= or source=)"
+    assert keys and len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+
+
+def test_every_notebook_takes_a_dtype():
+    for path in course.notebooks():
+        assert "DTYPE" in course.parameter_names(path), path.name
+        source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        assert "dtype=DTYPE" in source, f"{path.name}: pass dtype=DTYPE to kvlab.load"
+        assert "REFERENCE.md" not in source and "../shared" not in source, path.name
