@@ -44,7 +44,7 @@ from .covariance import key_covariance, solve
 from .rome import (check_covariance, check_finite, check_number, check_v_config, compute_key, compute_value,
                    context_templates, prompt_rows, value_at)
 
-# Layer ranges and λ from the paper (REFERENCE.md), keyed by the model's hub name.
+# Layer ranges and λ from the paper (Meng et al. 2023, MEMIT), keyed by the model's hub name.
 PAPER_LAYERS = {"gpt2-xl": (13, 14, 15, 16, 17), "gpt-j-6b": (3, 4, 5, 6, 7, 8)}
 PAPER_LAMBDA = {"gpt2-xl": 20_000.0, "gpt-j-6b": 15_000.0}
 # Built-in world model (6 layers, d_ff 512): the person is recalled by layer 0's MLP at the last name
@@ -61,7 +61,7 @@ LAMBDA_PER_DFF = 2.0
 
 @dataclass
 class MEMITConfig:
-    """Hyper-parameters of a MEMIT batch edit (target optimisation as ROME's, REFERENCE.md)."""
+    """Hyper-parameters of a MEMIT batch edit (target optimisation as ROME's, Meng et al. 2022)."""
 
     layers: tuple[int, ...] | None = None  # None: default_layers(model)
     lam: float | None = None        # covariance weight λ; None: default_lambda(model)

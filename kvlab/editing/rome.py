@@ -40,7 +40,7 @@ from ..text import pad_rows, prompt_ids, right_padded, subject_token_range, toke
 from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .covariance import key_covariance, solve
 
-# Editing layers from the papers (REFERENCE.md).
+# Editing layers from the papers (Meng et al. 2022, ROME).
 PAPER_LAYERS = {"gpt2-xl": 17, "gpt2-large": 12, "gpt2-medium": 8, "gpt-j-6b": 5, "gpt-j": 5}
 # The built-in model, from notebook 07's layer sweep (6 layers; the person is recalled by layer 0's
 # MLP at the last name token, causal tracing in notebook 05). ROME's GPT-2 XL budget for v*
@@ -51,7 +51,7 @@ START_WORDS = ("The", "Therefore", "Because", "I", "You")  # ROME's prompts for 
 
 @dataclass
 class ROMEConfig:
-    """Hyper-parameters of one ROME edit (defaults: ROME's GPT-2 XL settings, REFERENCE.md)."""
+    """Hyper-parameters of one ROME edit (defaults: ROME's GPT-2 XL settings, Meng et al. 2022)."""
 
     layer: int | None = None      # None: default_layer(model)
     v_steps: int = 20             # Adam steps for δ
