@@ -251,6 +251,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int, float]:
 def unload(peft_model: nn.Module) -> nn.Module:
     """Remove the LoRA layers and return the base model with its original weights (bit-identical)."""
     base = peft_model.unload()
+    if "peft_config" in vars(base):     # older peft (0.13) leaves its config on the base model
+        del base.peft_config
     base.requires_grad_(False)
     return base.eval()
 
