@@ -358,6 +358,79 @@ def _suffix(kwargs: dict, start: int, stop: int, n: int, dtype, device) -> dict:
     return kw
 
 
+
+# ----------------------------------------------------------------------------- re-running blocks
+class BlockRunner:
+    """Runs a model's blocks again on new rows, from one recorded forward pass.
+
+    :meth:`record` wraps one forward pass and keeps, per block, the hidden states entering it
+    (``inputs``), its other arguments (mask, position ids, rotary tables; first row:
+    ``block_kwargs``) and the keys and values its attention computed (``kv``, after rotary
+    embeddings, through a stand-in for the transformers cache). :meth:`run` then runs block l on
+    hidden states of positions [start, stop) only: their attention reads the positions before
+    ``start`` from the recorded keys/values (mask rows, position ids and rotary tables cut to
+    match). ``split`` says whether that is possible on this model, ``split_off`` why not (None
+    when it is); without it only whole sequences (start 0, all positions) can be run.
+    Used by :class:`Tracer` and by the integrated gradients of :mod:`kvlab.neurons`.
+    """
+
+    def __init__(self, model):
+        self.model, self.arch = model, adapter(model)
+        self.blocks = [self.arch.layer(l) for l in range(self.arch.n_layers)]
+        self.sigs = [inspect.signature(block.forward) for block in self.blocks]
+        self.hidden_arg = [next(iter(sig.parameters)) for sig in self.sigs]  # "hidden_states"
+        self.cache_arg = [cache_params(sig) for sig in self.sigs]
+        # Can blocks run on the last positions only, given the earlier positions' keys and values?
+        # Needs a cache argument that the attention updates, and position arguments we can cut.
+        self.impl = getattr(model.config, "_attn_implementation", None)
+        if self.impl not in ("eager", "sdpa"):
+            self.split_off = f"attention implementation {self.impl!r} (kvlab cuts eager and sdpa)"
+        elif not all(self.cache_arg):
+            self.split_off = f"{type(self.blocks[0]).__name__}.forward takes no cache argument"
+        else:
+            self.split_off = None
+        self.split = self.split_off is None
+        self.kv = self.inputs = self.block_kwargs = None
+        self.n = 0
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Record the blocks' inputs, arguments and keys/values of the forward pass run inside the block."""
+        kv = [_Recorder() for _ in self.blocks] if self.split else None
+        caches = list(zip(self.cache_arg, kv)) if self.split else None
+        with _record_block_inputs(self.blocks, self.sigs, caches) as calls:
+            yield
+        h0 = calls[0][self.hidden_arg[0]]
+        rows, self.n = h0.shape[0], h0.shape[1]
+        self.inputs = [kw[h] for kw, h in zip(calls, self.hidden_arg)]        # L x (rows, n, d)
+        # every block's keyword arguments (mask, position ids, rotary tables) for one row, hidden states left out
+        self.block_kwargs = [{k: _first_row(v, rows) for k, v in kw.items() if k != h}
+                             for kw, h in zip(calls, self.hidden_arg)]
+        if self.split:     # every attention handed its keys/values to the cache, and the arguments can be cut
+            if not all(r.keys is not None and r.keys.shape[-2] == self.n for r in kv):
+                self.split_off = (f"the attention never called update() on a cache passed as "
+                                  f"{' / '.join(self.cache_arg[0])}")
+            else:
+                self.split_off = next((why for kw, names in zip(self.block_kwargs, self.cache_arg)
+                                       if (why := _unsplittable(kw, self.n, self.impl == "sdpa", names))), None)
+            self.split = self.split_off is None
+        self.kv = kv if self.split else None
+
+    def run(self, l: int, h: Tensor, start: int = 0, cache: _Prefix | None = None) -> Tensor:
+        """Block l on hidden states h (rows, m, d) of positions [start, start + m), with the recorded
+        block arguments. The attention sees the positions before ``start`` through ``cache`` (default:
+        the recorded keys/values, row r of h reading recorded row r % recorded rows)."""
+        kw, stop = self.block_kwargs[l], start + h.shape[1]
+        if (start, stop) != (0, self.n):
+            if not self.split:
+                raise RuntimeError(f"cannot run block {l} on positions [{start}, {stop}): {self.split_off}")
+            kw = _suffix(kw, start, stop, self.n, h.dtype, h.device)
+            rec = self.kv[l]
+            cache = cache if cache is not None else _Prefix(rec.keys[:, :, :start], rec.values[:, :, :start])
+            kw.update(dict.fromkeys(self.cache_arg[l], cache))
+        kw = _expand(kw, h.shape[0])
+        return first(self.blocks[l](**kw, **{self.hidden_arg[l]: h}))
+
 # ----------------------------------------------------------------------------- tracer
 class Tracer:
     """Clean and corrupted runs of one prompt, cached; restored runs computed in batches.
@@ -393,28 +466,13 @@ class Tracer:
             raise ValueError(f"eps has shape {tuple(self.eps.shape)}, expected {(samples, e - b, d)}")
         self.samples = samples
         L = self.arch.n_layers
-        self.blocks = blocks = [self.arch.layer(l) for l in range(L)]
-        sigs = [inspect.signature(block.forward) for block in blocks]
-        self.hidden_arg = [next(iter(sig.parameters)) for sig in sigs]  # "hidden_states"
-        self.cache_arg = [cache_params(sig) for sig in sigs]
-
-        # Can blocks run on the last positions only, given the earlier positions' keys and values?
-        # Needs a cache argument that the attention updates, and position arguments we can cut.
-        impl = getattr(model.config, "_attn_implementation", None)
-        if impl not in ("eager", "sdpa"):
-            self.split_off = f"attention implementation {impl!r} (kvlab cuts eager and sdpa)"
-        elif not all(self.cache_arg):
-            self.split_off = f"{type(blocks[0]).__name__}.forward takes no cache argument"
-        else:
-            self.split_off = None
-        self.split = self.split_off is None
-        self.kv = [_Recorder() for _ in blocks] if self.split else None
-        caches = list(zip(self.cache_arg, self.kv)) if self.split else None
+        self.runner = runner = BlockRunner(model)
+        self.blocks, self.hidden_arg, self.cache_arg = runner.blocks, runner.hidden_arg, runner.cache_arg
 
         # One forward pass of 1 + samples rows: row 0 clean, the others corrupted. Cache the clean
         # block / mlp / attn outputs, every block's corrupted input (and keys/values) and the last
         # block's corrupted output, and the arguments transformers passes to the blocks.
-        mods = {("hidden", l): blocks[l] for l in range(L)}
+        mods = {("hidden", l): self.blocks[l] for l in range(L)}
         mods.update({("mlp", l): self.arch.mlp(l) for l in range(L)})
         mods.update({("attn", l): self.arch.attn(l) for l in range(L)})
         ids = self.ids.expand(1 + samples, -1)
@@ -422,27 +480,18 @@ class Tracer:
 
         def corrupt_rows(emb: Tensor) -> Tensor:                            # (1 + samples, n, d)
             return torch.cat([emb[:1], self.corrupt(emb[1:])])
-        with patch(self.arch.embed, corrupt_rows), capture(model, mods) as store, \
-                _record_block_inputs(blocks, sigs, caches) as calls:
+        with patch(self.arch.embed, corrupt_rows), capture(model, mods) as store, runner.record():
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]  # (1 + samples, vocab)
         self.clean = {k: v[0] for k, v in store.items()}                    # (kind, l) -> (n, d)
         # L+1 x (samples, n, d): every block's corrupted input, then the last block's corrupted output
-        self.corrupted = [kw[h][1:] for kw, h in zip(calls, self.hidden_arg)] + [store[("hidden", L - 1)][1:]]
-        # every block's keyword arguments (mask, position ids, rotary tables) for one row, hidden states left out
-        self.block_kwargs = [{k: _first_row(v, 1 + samples) for k, v in kw.items() if k != h}
-                             for kw, h in zip(calls, self.hidden_arg)]
-        if self.split:     # every attention handed its keys/values to the cache, and the arguments can be cut
-            if not all(r.keys is not None and r.keys.shape[-2] == n for r in self.kv):
-                self.split_off = (f"the attention never called update() on a cache passed as "
-                                  f"{' / '.join(self.cache_arg[0])}")
-            else:
-                self.split_off = next((why for kw, names in zip(self.block_kwargs, self.cache_arg)
-                                       if (why := _unsplittable(kw, n, impl == "sdpa", names))), None)
-            self.split = self.split_off is None
+        self.corrupted = [x[1:] for x in runner.inputs] + [store[("hidden", L - 1)][1:]]
+        self.block_kwargs = runner.block_kwargs
+        self.split, self.split_off = runner.split, runner.split_off
         if self.split_off is not None:
             warnings.warn(f"causal tracing computes every position of every restored run on this model "
                           f"({type(model).__name__}, transformers {_transformers_version()}): "
                           f"{self.split_off}. Scores are exact, only slower.", RuntimeWarning, stacklevel=2)
+        self.kv = runner.kv
         if self.split:
             for r in self.kv:
                 r.keys, r.values = r.keys[1:], r.values[1:]                 # (samples, kv_heads, n, d_head)
@@ -455,7 +504,7 @@ class Tracer:
         self.high_score = float(p[0])
         self.low_score = float(p[1:].mean())
         # what a block call costs beyond its arithmetic, in tokens through one block (see _groups)
-        flops = 2 * sum(w.numel() for w in blocks[0].parameters())           # per token through one block
+        flops = 2 * sum(w.numel() for w in self.blocks[0].parameters())           # per token through one block
         self.call_tokens = CALL_FLOPS.get(self.ids.device.type, CALL_FLOPS["cuda"]) / flops + CALL_ROWS
 
     def corrupt(self, emb: Tensor) -> Tensor:
@@ -472,17 +521,10 @@ class Tracer:
         the corrupted run's keys/values). ``restore`` = (module, rows, tokens, states): the module's
         output at (row, token) is set to the state, for the tokens in [start, start + m).
         """
-        kw, stop = self.block_kwargs[l], start + h.shape[1]
-        if (start, stop) != (0, self.n):
-            kw = _suffix(kw, start, stop, self.n, h.dtype, h.device)
-            rec = self.kv[l]
-            cache = cache if cache is not None else _Prefix(rec.keys[:, :, :start], rec.values[:, :, :start])
-            kw.update(dict.fromkeys(self.cache_arg[l], cache))
-        kw = _expand(kw, h.shape[0])
         if restore is None:
-            return first(self.blocks[l](**kw, **{self.hidden_arg[l]: h}))
+            return self.runner.run(l, h, start, cache)
         mod, rows, toks, states = restore
-        inside = (toks >= start) & (toks < stop)
+        inside = (toks >= start) & (toks < start + h.shape[1])
         rows, toks, states = rows[inside], toks[inside] - start, states[inside]
 
         def fn(y: Tensor) -> Tensor:                                  # (rows, m, d)
@@ -490,7 +532,7 @@ class Tracer:
             y[rows, toks] = states.to(y.dtype)
             return y
         with patch(mod, fn):
-            return first(self.blocks[l](**kw, **{self.hidden_arg[l]: h}))
+            return self.runner.run(l, h, start, cache)
 
     def run_last_block(self, h: Tensor, start: int = 0, restore: tuple | None = None) -> Tensor:
         """The last block's output at the last position only, (rows, 1, d), for h (rows, n - start, d).
