@@ -19,17 +19,25 @@ p(answer) is the *joint* probability of the answer's tokens under teacher forcin
 (product of the per-token probabilities; one token for the built-in world). The
 attribution scales m at the last prompt position only, the position that predicts the
 first answer token; the answer's later tokens see its effect through attention.
-``suppress``/``amplify`` act at every position unless ``positions`` is given;
-:func:`intervention_effect` uses the last prompt position by default (as Dai et al.
-intervene at BERT's [MASK] position).
+``suppress``/``amplify`` act at the last position of each row by default, as
+:func:`intervention_effect` does (the last prompt position, as Dai et al. intervene at
+BERT's [MASK] position); ``positions="all"`` acts at every position.
 
-Batching: the S scaled copies are rows of one batch, so one forward + backward pass
-attributes a whole group of layers (``batch_size`` rows per pass; ``batch_size=1``
-is the one-step-at-a-time reference used by ``benchmarks/bench_neurons.py``).
+Refinement (:func:`refine`) keeps the neurons shared by more than p·n of n prompts, as Dai et
+al. and the EleutherAI ``knowledge-neurons`` package do; ``target=None`` holds p fixed.
+
+Batching and caching: the S scaled copies are rows of one batch, so one forward + backward
+pass attributes a whole group of layers (``batch_size`` rows per pass). α changes nothing
+below the attributed layer and no position before the last prompt token, so each row starts
+from the clean run's input of its layer and computes only the positions from the last prompt
+token on, attending to the clean run's keys and values of the earlier positions (the split
+machinery of :class:`kvlab.tracing.BlockRunner`); ``method="plain"`` recomputes everything, the
+readable reference. ``benchmarks/bench_neurons.py`` times both against the EleutherAI package's
+procedure.
 
     attr = attribute(model, tok, "Anna Berg lives in", "Kelmor")      # Attribution
     kns = knowledge_neurons(model, tok, prompts, "Kelmor")            # [(layer, i), ...]
-    with suppress(model, kns):                                         # m_i ← 0 at every position
+    with suppress(model, kns):                                         # m_i ← 0 at the last position
         answer_prob(model, tok, "Anna Berg lives in", "Kelmor")
     intervention_effect(model, tok, kns, prompts, "Kelmor", factor=2.0)  # amplify at the last prompt position
 """
@@ -37,16 +45,18 @@ from __future__ import annotations
 
 import operator
 import random
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
 from .arch import adapter
-from .hooks import capture, patch
+from .hooks import capture, hooks, patch
 from .text import encode, pad_rows, token_ids
+from .tracing import BlockRunner
 
 Neuron = tuple[int, int]  # (layer, index in d_ff)
 
@@ -191,13 +201,19 @@ def _zero_layer_probs(model, batch: AnswerBatch, arch, layers: list[int]) -> tor
 
 
 def attribute(model, tok, prompt: str, answer: str, layers: int | Sequence[int] | None = None, steps: int = 20,
-              batch_size: int = 128) -> Attribution:
+              batch_size: int = 128, method: str = "cached") -> Attribution:
     """Integrated gradients of p(answer | prompt) w.r.t. the FFN coefficients at the last prompt position.
 
     ``layers``: which layers to attribute (default all). ``steps``: Riemann points S per
     layer (Dai et al.: 20). ``batch_size``: rows per forward/backward pass; the
     (layer, α) pairs are packed into passes of that many rows (``steps`` rows = one layer
     per pass, ``1`` = one step at a time). Returns an :class:`Attribution`.
+
+    ``method``: ``"cached"`` (default) starts the rows of layer l from the clean run's input of
+    block l and computes only the positions from the last prompt token on, the earlier positions'
+    keys and values taken from the clean run (α changes nothing before layer l, nor any earlier
+    position); ``"plain"`` runs the whole model on the whole sequence for every row, the
+    readable reference. Both give the same attribution up to float rounding.
     """
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"attribute: prompt must be a non-empty string, got {prompt!r}")
@@ -205,9 +221,13 @@ def attribute(model, tok, prompt: str, answer: str, layers: int | Sequence[int] 
         raise ValueError(f"attribute: steps must be >= 1, got {steps}")
     if batch_size < 1:
         raise ValueError(f"attribute: batch_size must be >= 1, got {batch_size}")
+    if method not in ("cached", "plain"):
+        raise ValueError(f"attribute: method must be 'cached' or 'plain', got {method!r}")
     arch = adapter(model)
     ls = arch.check_layers(layers)
     batch = answer_batch(model, tok, prompt, answer)          # one row
+    if method == "cached":
+        return _attribute_cached(model, batch, arch, prompt, answer, ls, steps, batch_size)
     pos = int(batch.prompt_last[0])
     m_clean, p_full = _clean_run(model, batch, arch)           # (n_layers, d_ff)
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # midpoint rule
@@ -247,6 +267,88 @@ def attribute(model, tok, prompt: str, answer: str, layers: int | Sequence[int] 
                        _zero_layer_probs(model, batch, arch, ls), steps, pos)
 
 
+def _answer_probs(logits: torch.Tensor, answer_ids: list[int], first: int) -> torch.Tensor:
+    """p(answer) per row, teacher-forced, from logits (rows, m, vocab) whose position ``first`` predicts the
+    first answer token -> (rows,)."""
+    k = len(answer_ids)
+    logp = torch.log_softmax(logits[:, first:first + k].float(), dim=-1)    # (rows, k, vocab)
+    ans = torch.tensor(answer_ids, device=logits.device)
+    return logp[:, torch.arange(k, device=logits.device), ans].sum(-1).exp()
+
+
+def _attribute_cached(model, batch: AnswerBatch, arch, prompt: str, answer: str, ls: list[int], steps: int,
+                      batch_size: int) -> Attribution:
+    """:func:`attribute` with rows starting at their layer, on the positions from the last prompt token on.
+
+    One clean forward pass records every block's input and its attention's keys/values
+    (:class:`kvlab.tracing.BlockRunner`). A row attributing layer l with step α starts from block
+    l's recorded input at positions [pos, seq) (pos: the last prompt token), has m at pos set to
+    α·m̄ inside block l, and runs blocks l..L-1 on those positions only, attending to the clean
+    keys/values of the positions before pos: nothing before layer l and no position before pos
+    depends on α. Rows of several layers share a pass: each joins at its own block.
+    """
+    L, pos, ans = arch.n_layers, int(batch.prompt_last[0]), batch.answer_ids[0]
+    runner = BlockRunner(model)
+    with torch.no_grad(), capture(model, {l: arch.value_module(l) for l in range(L)}, what="input") as store, \
+            runner.record():
+        logits = model(**batch.inputs(), use_cache=False).logits            # (1, seq, vocab)
+    m_clean = torch.stack([store[l][0, pos] for l in range(L)])             # (n_layers, d_ff)
+    p_full = float(_answer_probs(logits, ans, pos)[0])
+    if not runner.split:
+        warnings.warn(f"integrated gradients compute every position of every row on this model "
+                      f"({type(model).__name__}): {runner.split_off}. Scores are exact, only slower.",
+                      RuntimeWarning, stacklevel=3)
+    start = pos if runner.split else 0                                       # first position computed
+
+    def put(leaf: torch.Tensor, r0: int):
+        def fn(m):  # (rows, seq - start, d_ff): rows r0.. get their scaled copy at the last prompt position
+            m = m.clone()
+            m[r0:r0 + leaf.shape[0], pos - start] = leaf.to(m.dtype)
+            return m
+        return fn
+
+    def run(jobs: list[tuple[int, float]]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """p(answer) per job (layer l, α) with m̄ of layer l scaled by α, (jobs,), and per layer the
+        gradients ∂p/∂m at the last prompt position of its rows, (rows_l, d_ff). Jobs come sorted by layer."""
+        alphas: dict[int, list[float]] = {}
+        for l, a in jobs:
+            alphas.setdefault(l, []).append(a)
+        leaves = {l: (torch.tensor(a, dtype=m_clean.dtype, device=m_clean.device)[:, None] * m_clean[l])
+                  .requires_grad_(True) for l, a in alphas.items()}           # layer -> (rows_l, d_ff)
+        h = None                                                             # (rows so far, seq - start, d)
+        with torch.enable_grad():
+            for k in range(min(alphas), L):
+                if k in leaves:                                              # rows of layer k join here
+                    x = runner.inputs[k][:, start:].expand(len(alphas[k]), -1, -1)
+                    r0 = 0 if h is None else h.shape[0]
+                    h = x.contiguous() if h is None else torch.cat([h, x])
+                    with patch(arch.value_module(k), put(leaves[k], r0), what="input"):
+                        h = runner.run(k, h, start)
+                else:
+                    h = runner.run(k, h, start)
+            q = pos - start
+            p = _answer_probs(arch.unembed(arch.final_norm(h[:, q:q + len(ans)])), ans, 0)   # (rows,)
+            grads = torch.autograd.grad(p.sum(), list(leaves.values()))
+        return p.detach(), dict(zip(leaves, grads))
+
+    # per layer the S midpoints α_k = (k - ½)/S, then α = 0 (p with the layer's m zeroed: the
+    # baseline of completeness), whose gradient is not used
+    alphas = ((torch.arange(steps, dtype=torch.float32) + 0.5) / steps).tolist()
+    jobs = [(l, a) for l in ls for a in alphas + [0.0]]
+    p_all, grad_all = [], {l: [] for l in ls}
+    for i in range(0, len(jobs), batch_size):
+        p, grads = run(jobs[i:i + batch_size])
+        p_all.append(p)
+        for l, g in grads.items():
+            grad_all[l].append(g)
+    grads = torch.stack([torch.cat(grad_all[l])[:steps].float().sum(0) for l in ls])   # (len(ls), d_ff)
+    p_baseline = torch.full((L,), float("nan"))
+    p_baseline[torch.tensor(ls)] = torch.cat(p_all).view(len(ls), steps + 1)[:, steps].cpu()
+    scores = torch.zeros(m_clean.shape, dtype=torch.float32, device=m_clean.device)   # (n_layers, d_ff)
+    scores[torch.tensor(ls, device=m_clean.device)] = m_clean[ls].float() * grads / steps
+    return Attribution(prompt, answer, ls, scores.cpu(), m_clean.float().cpu(), p_full, p_baseline, steps, pos)
+
+
 # ---------------------------------------------------------------------------------------------
 # Selecting knowledge neurons
 
@@ -268,33 +370,60 @@ class KnowledgeNeurons:
     """Result of :func:`find_knowledge_neurons`: the neurons and how they were chosen."""
 
     neurons: list[Neuron]               # best first (by mean attribution over the prompts)
-    p: float                            # final sharing threshold
+    p: float                            # final sharing threshold: kept neurons are shared by > p·n prompts
     coarse: list[list[Neuron]]          # per prompt, the coarse set
     attributions: list[Attribution] = field(repr=False)
     counts: Counter = field(repr=False)  # neuron -> number of prompts whose coarse set has it
+    n_shared: int = 0                   # neurons shared by > p·n prompts at the final p, before any cut
+
+    @property
+    def cut(self) -> bool:
+        """True when more neurons were shared than kept: the result is the ``target[1]`` best of them."""
+        return self.n_shared > len(self.neurons)
+
+
+class Refined(NamedTuple):
+    """Result of :func:`refine`."""
+
+    neurons: list[Neuron]   # best first
+    p: float                # final sharing threshold
+    n_shared: int           # neurons shared by > p·n prompts at that p, before any cut
+
+    @property
+    def cut(self) -> bool:
+        """True when the shared neurons were cut to the best ``target[1]``."""
+        return self.n_shared > len(self.neurons)
 
 
 def refine(coarse_sets: list[list[Neuron]], mean_scores: dict[Neuron, float] | None = None, p: float = 0.7,
-           target: tuple[int, int] = (2, 5), step: float = 0.05) -> tuple[list[Neuron], float]:
-    """Keep neurons shared by ≥ p of the prompts' coarse sets, adjusting p by ``step`` to land in ``target``.
+           target: tuple[int, int] | None = (2, 5), step: float = 0.05) -> Refined:
+    """Keep the neurons shared by **more than** p·n of the n prompts' coarse sets (Dai et al.; the
+    EleutherAI package counts ``count > n * p`` too).
 
-    Dai et al.: p starts at 0.7 and moves by 0.05 until 2–5 neurons remain. When no p
-    gives a count in range (counts jump over it), the smallest set above the range is cut
-    to its ``target[1]`` best neurons by ``mean_scores``. Returns (neurons best first, final p).
+    ``target=(lo, hi)``: p starts at ``p`` and moves by ``step`` until lo–hi neurons remain (Dai et
+    al.: 0.7, 0.05, 2–5). When no p gives a count in range (counts jump over it), the smallest set
+    above the range is cut to its ``hi`` best neurons by ``mean_scores``: the result's ``cut`` is
+    True and ``n_shared`` says how many were shared. ``target=None`` holds p fixed and cuts
+    nothing (the package's ``get_refined_neurons``, p = 0.5 there). p is in [0, 1): p = 0 keeps
+    every neuron of any coarse set. Returns a :class:`Refined` (neurons best first, final p, n_shared).
     """
-    lo, hi = target
-    if not 1 <= lo <= hi:
-        raise ValueError(f"refine: target must be (lo, hi) with 1 <= lo <= hi, got {target}")
-    if not 0 < p <= 1:
-        raise ValueError(f"refine: p must be in (0, 1], got {p}")
+    if target is not None:
+        lo, hi = target
+        if not 1 <= lo <= hi:
+            raise ValueError(f"refine: target must be (lo, hi) with 1 <= lo <= hi, or None, got {target}")
+    if not 0 <= p < 1:
+        raise ValueError(f"refine: p must be in [0, 1) (neurons shared by more than p·n prompts), got {p}")
     n = len(coarse_sets)
     if n == 0:
         raise ValueError("refine: no coarse sets")
     counts = Counter(x for s in coarse_sets for x in set(s))
     score = mean_scores or {x: float(c) for x, c in counts.items()}
     order = lambda xs: sorted(xs, key=lambda x: (-score.get(x, 0.0), x))  # noqa: E731
-    shared = lambda q: order([x for x, c in counts.items() if c >= q * n - 1e-9])  # noqa: E731
-    cur, direction, above = shared(p), 0, None
+    shared = lambda q: order([x for x, c in counts.items() if c > q * n + 1e-9])  # noqa: E731
+    cur = shared(p)
+    if target is None:
+        return Refined(cur, p, len(cur))
+    direction, above = 0, None
     while not lo <= len(cur) <= hi:
         d = 1 if len(cur) > hi else -1
         if len(cur) > hi:
@@ -303,38 +432,48 @@ def refine(coarse_sets: list[list[Neuron]], mean_scores: dict[Neuron, float] | N
             break
         direction = d
         q = round(p + d * step, 10)
-        if q > 1 + 1e-9 or q <= 1e-9:          # p cannot move further
+        if q >= 1 - 1e-9 or q < -1e-9:          # p cannot move further
             break
         p, cur = q, shared(q)
     if len(cur) < lo and above is not None:     # fell below the range: take the smallest set above it
         cur, p = above
-    return cur[:hi], p
+    return Refined(cur[:hi], p, len(cur))
 
 
 def find_knowledge_neurons(model, tok, prompts: str | Sequence[str], answer: str, t: float = 0.2,
-                           p: float = 0.7, target: tuple[int, int] = (2, 5), steps: int = 20,
+                           p: float = 0.7, target: tuple[int, int] | None = (2, 5), steps: int = 20,
                            layers: int | Sequence[int] | None = None, batch_size: int = 128) -> KnowledgeNeurons:
-    """Attribute each prompt, keep coarse sets (t·max), refine across prompts (see :func:`refine`)."""
+    """Attribute each prompt, keep coarse sets (t·max), refine across prompts (see :func:`refine`).
+
+    Refinement needs several prompts of the fact (Dai et al. use paraphrases): with one prompt
+    every coarse neuron is "shared", and a ``UserWarning`` says so.
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("find_knowledge_neurons: no prompts given")
+    if len(prompts) == 1:
+        warnings.warn("find_knowledge_neurons: one prompt given; refinement keeps the neurons shared across "
+                      "several prompts of a fact (Dai et al. use paraphrases), so with one prompt the result "
+                      "is that prompt's coarse set" + (f" cut to its {target[1]} best" if target else ""),
+                      UserWarning, stacklevel=2)
     attrs = [attribute(model, tok, q, answer, layers=layers, steps=steps, batch_size=batch_size) for q in prompts]
     coarse = [coarse_neurons(a, t) for a in attrs]
     mean = torch.stack([a.scores for a in attrs]).mean(0)          # (n_layers, d_ff)
     cand = {x for s in coarse for x in s}
-    neurons, p_final = refine(coarse, {x: float(mean[x]) for x in cand}, p=p, target=target)
-    return KnowledgeNeurons(neurons, p_final, coarse, attrs, Counter(x for s in coarse for x in set(s)))
+    r = refine(coarse, {x: float(mean[x]) for x in cand}, p=p, target=target)
+    return KnowledgeNeurons(r.neurons, r.p, coarse, attrs, Counter(x for s in coarse for x in set(s)), r.n_shared)
 
 
 def knowledge_neurons(model, tok, prompts: str | Sequence[str], answer: str, t: float = 0.2, p: float = 0.7,
-                      target: tuple[int, int] = (2, 5), steps: int = 20,
+                      target: tuple[int, int] | None = (2, 5), steps: int = 20,
                       layers: int | Sequence[int] | None = None, batch_size: int = 128) -> list[Neuron]:
     """The fact's knowledge neurons ``[(layer, i), ...]``, best first (Dai et al. 2022).
 
     ``prompts``: the fact's prompts (e.g. the rewrite prompt and its paraphrases) that all
     end right before ``answer``. ``t``: coarse threshold (fraction of the max attribution);
-    ``p``: starting fraction of prompts a neuron must be shared by; ``target``: wanted
-    number of neurons. Stable API (used by :mod:`kvlab.editing.kn`).
+    ``p``: kept neurons are shared by more than p·n of the n prompts, p starting there;
+    ``target``: wanted number of neurons (None: p held fixed, nothing cut). Stable API (used by
+    :mod:`kvlab.editing.kn`).
     """
     return find_knowledge_neurons(model, tok, prompts, answer, t=t, p=p, target=target, steps=steps,
                                   layers=layers, batch_size=batch_size).neurons
@@ -416,28 +555,47 @@ def activation_neurons(model, tok, prompt: str, like: Sequence[Neuron]) -> list[
 # Interventions
 
 
+def _last_positions(mask: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
+    """(batch,) the last position each row's attention mask covers; the final position when the pass had
+    no mask of m's (batch, seq) shape (no mask, or a cached generation step)."""
+    rows, n = m.shape[:2]
+    if mask is None or tuple(mask.shape) != (rows, n):
+        return torch.full((rows,), n - 1, device=m.device)
+    return n - 1 - mask.to(m.device).flip(-1).ne(0).to(torch.long).argmax(-1)
+
+
 @contextmanager
 def scale_neurons(model, neurons: Sequence[Neuron], factor: float,
-                  positions: int | torch.Tensor | None = None) -> Iterator[None]:
+                  positions: str | int | torch.Tensor | None = "last") -> Iterator[None]:
     """Multiply the activations m_i of the given neurons by ``factor`` during the block.
 
-    ``positions``: ``None`` scales them at every position; an int at that position of
-    every row; a (batch,) tensor at one position per row (e.g. ``AnswerBatch.prompt_last``).
+    ``positions``: ``"last"`` (default) scales them at the last position of each row, the last
+    token its attention mask covers (Dai et al. intervene at the [MASK] position; for one prompt
+    and a one-token answer this is the position :func:`intervention_effect` uses; under teacher
+    forcing of a longer answer pass ``AnswerBatch.prompt_last``); ``"all"`` (or ``None``) at every
+    position; an int at that position of every row; a (batch,) tensor at one position per row.
     Works by patching the value modules' input, so no weight changes.
     """
+    if isinstance(positions, str) and positions not in ("last", "all"):
+        raise ValueError(f"scale_neurons: positions must be 'last', 'all', an int or a (batch,) tensor, "
+                         f"got {positions!r}")
     arch = adapter(model)
     by_layer = _check_neurons(arch, neurons)
+    seen: dict[str, torch.Tensor | None] = {}
+
+    def grab_mask(module, args, kwargs):
+        seen["mask"] = kwargs.get("attention_mask")
 
     def scaler(idx: list[int]):
         def fn(m):  # (batch, seq, d_ff)
             m = m.clone()
             cols = torch.tensor(idx, device=m.device)
-            if positions is None:
+            if positions is None or positions == "all":
                 m[..., cols] = m[..., cols] * factor
             elif isinstance(positions, int):
                 m[:, positions, cols] = m[:, positions, cols] * factor
             else:
-                pos = positions.to(m.device)
+                pos = _last_positions(seen.get("mask"), m) if positions == "last" else positions.to(m.device)
                 if pos.shape != (m.shape[0],):
                     raise ValueError(f"scale_neurons: positions has shape {tuple(pos.shape)}, "
                                      f"expected ({m.shape[0]},) for this batch")
@@ -447,17 +605,24 @@ def scale_neurons(model, neurons: Sequence[Neuron], factor: float,
             return m
         return fn
 
-    with patch({arch.value_module(l): scaler(idx) for l, idx in by_layer.items()}, what="input"):
-        yield
+    handles = []
+    with hooks(handles):
+        if positions == "last":
+            handles.append(model.register_forward_pre_hook(grab_mask, with_kwargs=True))
+        with patch({arch.value_module(l): scaler(idx) for l, idx in by_layer.items()}, what="input"):
+            yield
 
 
-def suppress(model, neurons: Sequence[Neuron], positions: int | torch.Tensor | None = None):
-    """Context manager: set the neurons' activations to 0 (Dai et al.'s suppression)."""
+def suppress(model, neurons: Sequence[Neuron], positions: str | int | torch.Tensor | None = "last"):
+    """Context manager: set the neurons' activations to 0 (Dai et al.'s suppression), by default at the
+    last position of each row, as :func:`intervention_effect` (see :func:`scale_neurons`)."""
     return scale_neurons(model, neurons, 0.0, positions)
 
 
-def amplify(model, neurons: Sequence[Neuron], factor: float = 2.0, positions: int | torch.Tensor | None = None):
-    """Context manager: multiply the neurons' activations by ``factor`` (Dai et al.: double them)."""
+def amplify(model, neurons: Sequence[Neuron], factor: float = 2.0,
+            positions: str | int | torch.Tensor | None = "last"):
+    """Context manager: multiply the neurons' activations by ``factor`` (Dai et al.: double them), by
+    default at the last position of each row, as :func:`intervention_effect` (see :func:`scale_neurons`)."""
     return scale_neurons(model, neurons, factor, positions)
 
 
@@ -474,6 +639,6 @@ def intervention_effect(model, tok, neurons: Sequence[Neuron], prompts: str | Se
     batch = answer_batch(model, tok, prompts, answers)
     with torch.no_grad():
         before = answer_logprob(model(**batch.inputs()).logits, batch).exp()
-        with scale_neurons(model, neurons, factor, batch.prompt_last if at == "last" else None):
+        with scale_neurons(model, neurons, factor, batch.prompt_last if at == "last" else "all"):
             after = answer_logprob(model(**batch.inputs()).logits, batch).exp()
     return ((after - before) / before).cpu()

@@ -301,6 +301,9 @@ class _Prefix:
 
     def update(self, keys: Tensor, values: Tensor, *args, **kwargs):
         g = keys.shape[0] // self.keys.shape[0]      # keys: (rows, kv_heads, positions, d_head)
+        if self.keys.shape[0] == 1:                  # one recorded row: a view, copied once by cat
+            return (torch.cat([self.keys.expand(g, -1, -1, -1), keys], dim=-2),
+                    torch.cat([self.values.expand(g, -1, -1, -1), values], dim=-2))
         return (torch.cat([self.keys.repeat(g, 1, 1, 1), keys], dim=-2),
                 torch.cat([self.values.repeat(g, 1, 1, 1), values], dim=-2))
 

@@ -49,6 +49,62 @@ def test_ig_multi_token_answer_and_batching(family):
     torch.testing.assert_close(one.scores, many.scores, atol=1e-9, rtol=1e-5)
 
 
+def _assert_same_attribution(fast, plain):
+    scale = float(plain.scores.abs().max())
+    assert scale > 0                                           # the attributions are not all zero
+    assert float((fast.scores - plain.scores).abs().max()) <= 1e-6 * scale
+    assert fast.p_full == pytest.approx(plain.p_full, abs=1e-6)
+    torch.testing.assert_close(fast.p_baseline, plain.p_baseline, atol=1e-6, rtol=0, equal_nan=True)
+    torch.testing.assert_close(fast.activations, plain.activations, atol=0, rtol=0)
+    assert (fast.layers, fast.steps, fast.position) == (plain.layers, plain.steps, plain.position)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_ig_equals_plain(family, recwarn):
+    """Rows start at their layer from the clean input and compute only the last positions: same attribution
+    as the whole model on the whole sequence (one- and multi-token answers, layer subsets, chunks that
+    straddle layers), on every family, with no fallback warning."""
+    model, tok, arch = tiny(family)
+    for answer, layers, bs in [(ANSWER, None, 128), ("the city of rome", [0, 2], 7), (ANSWER, [1, 2], 5)]:
+        fast = N.attribute(model, tok, PROMPT, answer, layers=layers, steps=6, batch_size=bs)
+        plain = N.attribute(model, tok, PROMPT, answer, layers=layers, steps=6, batch_size=bs, method="plain")
+        _assert_same_attribution(fast, plain)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
+def test_cached_ig_equals_plain_sdpa(family):
+    """sdpa blocks get no mask: the cut rows must still attend causally to the cached positions."""
+    model, tok, arch = tiny(family)
+    model.set_attn_implementation("sdpa")
+    _assert_same_attribution(N.attribute(model, tok, "the queen of anna berg lives in", ANSWER, steps=4),
+                             N.attribute(model, tok, "the queen of anna berg lives in", ANSWER, steps=4,
+                                         method="plain"))
+
+
+def test_cached_ig_without_split_is_exact_and_loud():
+    """Blocks whose attention ignores the cache: every position is computed (rows still start at their
+    layer), the attribution is the same, and a RuntimeWarning says why it is slower."""
+    model, tok, arch = tiny("gpt2")
+    attn = arch.attn(0)
+    forward = attn.forward
+
+    def no_cache(*args, **kwargs):
+        for name in list(kwargs):
+            if "past" in name or name == "cache":
+                kwargs[name] = None
+        return forward(*args, **kwargs)
+    attn.forward = no_cache
+    try:
+        with pytest.warns(RuntimeWarning, match="never called update"):
+            fast = N.attribute(model, tok, PROMPT, ANSWER, steps=4)
+        _assert_same_attribution(fast, N.attribute(model, tok, PROMPT, ANSWER, steps=4, method="plain"))
+    finally:
+        del attn.forward
+    with pytest.raises(ValueError, match="method"):
+        N.attribute(model, tok, PROMPT, ANSWER, method="fast")
+
+
 def test_answer_prob_is_teacher_forced_product():
     model, tok, _ = tiny("gpt2")
     ids = encode(model, tok, PROMPT).input_ids[0].tolist()
@@ -70,22 +126,51 @@ def test_coarse_and_refine():
     assert N.coarse_neurons(torch.zeros(2, 3)) == []
     a, b, c, d, e, f = [(0, i) for i in range(6)]
     sets = [[a, b, c], [a, b, d], [a, b, e], [a, c, f]]
-    assert N.refine(sets, target=(2, 5)) == ([a, b], 0.7)                 # a: 4/4, b: 3/4 >= 0.7
-    # too few at 0.7 -> p falls until 2-5 neurons are shared
-    kns, p = N.refine([[a, b], [a, c], [a, d], [b, e]], target=(2, 5))
-    assert set(kns) == {a, b} and p == pytest.approx(0.5)
-    # too many even at p=1 -> cut to the best 5 by score
+    r = N.refine(sets, target=(2, 5))
+    assert (r.neurons, r.p, r.cut) == ([a, b], 0.7, False)                # a: 4/4, b: 3/4 > 0.7
+    # too few at 0.7 -> p falls until 2-5 neurons are shared by MORE than p·n: b (2 of 4) needs p < 0.5
+    kns, p, n_shared = N.refine([[a, b], [a, c], [a, d], [b, e]], target=(2, 5))
+    assert set(kns) == {a, b} and p == pytest.approx(0.45) and n_shared == 2
+    # too many even at the largest p below 1 -> cut to the best 5 by score, and the result says so
     many = [[(1, i) for i in range(8)]] * 3
-    kns, p = N.refine(many, {(1, i): float(i) for i in range(8)}, target=(2, 5))
-    assert kns == [(1, 7), (1, 6), (1, 5), (1, 4), (1, 3)] and p == 1.0
-    # counts jump over the range (7 shared by all, 1 more by half): the larger set, cut to 5
+    r = N.refine(many, {(1, i): float(i) for i in range(8)}, target=(2, 5))
+    assert r.neurons == [(1, 7), (1, 6), (1, 5), (1, 4), (1, 3)] and r.p == pytest.approx(0.95)
+    assert r.cut and r.n_shared == 8
+    # counts jump over the range (7 shared by all, 1 more by half): the larger set
     sets = [[(2, i) for i in range(7)] + [(2, 9)], [(2, i) for i in range(7)]]
-    kns, _ = N.refine(sets, target=(8, 8))
-    assert len(kns) == 8
+    assert len(N.refine(sets, target=(8, 8)).neurons) == 8
     with pytest.raises(ValueError, match="target"):
         N.refine(sets, target=(3, 2))
     with pytest.raises(ValueError, match="t must"):
         N.coarse_neurons(scores, t=0)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        N.refine(sets, p=1.0)
+
+
+def test_refine_keeps_more_than_p_n_and_p_can_be_fixed():
+    """Dai et al. and the EleutherAI package keep neurons shared by MORE than p·n prompts: a neuron in
+    exactly half of the prompts is dropped at p = 0.5. target=None holds p fixed and cuts nothing."""
+    a, b, c = (0, 1), (0, 2), (3, 4)
+    sets = [[a, b], [a, c], [a], [b]]                          # a: 3 of 4, b: 2 of 4, c: 1 of 4
+    r = N.refine(sets, p=0.5, target=None)
+    assert (r.neurons, r.p, r.n_shared, r.cut) == ([a], 0.5, 1, False)   # b (exactly p·n = 2) is not kept
+    r = N.refine(sets, {a: 1.0, b: 2.0, c: 3.0}, p=0.0, target=None)
+    assert r.neurons == [c, b, a] and not r.cut                 # p = 0: every coarse neuron, best first
+    many = [[(1, i) for i in range(9)]] * 2
+    r = N.refine(many, p=0.5, target=None)
+    assert len(r.neurons) == 9 and not r.cut                    # fixed p: nothing cut
+
+
+def test_find_knowledge_neurons_reports_cut_and_warns_on_one_prompt():
+    model, tok, arch = tiny("gpt2")
+    with pytest.warns(UserWarning, match="one prompt"):
+        kn = N.find_knowledge_neurons(model, tok, PROMPT, ANSWER, t=0.01, steps=4)
+    assert kn.n_shared == len(kn.coarse[0]) > 5                 # one prompt: its coarse set is "shared"
+    assert kn.cut and len(kn.neurons) == 5
+    prompts = [PROMPT, "the city of anna berg is", "tom lee lives in"]
+    kn = N.find_knowledge_neurons(model, tok, prompts, ANSWER, p=0.5, target=None, steps=4)
+    assert kn.p == 0.5 and not kn.cut
+    assert set(kn.neurons) == {x for x, c in kn.counts.items() if c > 1.5}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gptj", "qwen2"])
@@ -95,9 +180,9 @@ def test_suppress_equals_zeroing_value_rows_and_is_undone(family):
     neurons = [(0, 3), (2, 5), (2, 7)]
     with torch.no_grad():
         clean = model(**batch.inputs()).logits
-        with N.suppress(model, neurons):
+        with N.suppress(model, neurons, positions="all"):
             sup = model(**batch.inputs()).logits
-        with N.amplify(model, neurons, factor=1.0):
+        with N.amplify(model, neurons, factor=1.0, positions="all"):
             same = model(**batch.inputs()).logits
         saved = {l: arch.value_matrix(l).clone() for l in (0, 2)}
         for l, i in neurons:
@@ -127,6 +212,39 @@ def test_scale_at_one_position_only():
     with pytest.raises(ValueError, match="positions"):
         with N.scale_neurons(model, [(1, 2)], 0.0, positions=torch.tensor([0, 1, 2])):
             model(**batch.inputs())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_suppress_and_amplify_act_at_the_last_position_by_default(family):
+    """Default positions = each row's last real token (right padding read from the attention mask): the
+    positions intervention_effect uses, so their effects agree; earlier positions are untouched."""
+    model, tok, arch = tiny(family)
+    prompts, answers = [PROMPT, "the queen of tom lee plays the"], ["paris", "piano"]
+    kns = [(1, 2), (2, 5), (2, 9)]
+    batch = N.answer_batch(model, tok, prompts, answers)           # one-token answers: prompt + nothing
+    assert batch.attention_mask[0].sum() < batch.input_ids.shape[1]  # row 0 is padded
+    with torch.no_grad():
+        clean = model(**batch.inputs()).logits
+        before = N.answer_prob(model, tok, prompts, answers)
+        for factor, ctx in ((0.0, N.suppress(model, kns)), (2.0, N.amplify(model, kns))):
+            with ctx:
+                out = model(**batch.inputs()).logits
+                after = N.answer_prob(model, tok, prompts, answers)
+            with N.scale_neurons(model, kns, factor, positions=batch.prompt_last):
+                ref = model(**batch.inputs()).logits
+            torch.testing.assert_close(out, ref)
+            for b in range(2):
+                last = int(batch.prompt_last[b])
+                torch.testing.assert_close(out[b, :last], clean[b, :last])
+                assert not torch.allclose(out[b, last], clean[b, last])
+            torch.testing.assert_close((after - before) / before,
+                                       N.intervention_effect(model, tok, kns, prompts, answers, factor))
+        with N.suppress(model, kns):                               # no mask given: the final position
+            out = model(batch.input_ids[1:]).logits
+    torch.testing.assert_close(out[0, :-1], clean[1, :-1])
+    with pytest.raises(ValueError, match="positions must be"):
+        with N.suppress(model, kns, positions="first"):
+            pass
 
 
 def test_baselines_match_layers():
