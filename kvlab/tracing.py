@@ -36,6 +36,10 @@ passes of every position through every block. Here:
 * rows are keyed by their state, (token, layers restored so far): cells that share a history
   share rows. The "mlp"/"attn" windows of one token hold the same state until the shorter one
   ends, and clipped windows (every window reaching past both ends of a small model) are one;
+* a module output ("mlp"/"attn") restored at token t in block l changes only position t there (the
+  other positions' attention reads keys/values of the block's input): in its first block a cell's
+  rows compute that one position, the rows of all tokens in one call (each row its own position,
+  mask row and rotary angle; :meth:`BlockRunner.run_at`), the others taken from the corrupted run;
 * only the last position is read from the last block: the other positions only pass their keys
   and values to it, so a first pass over them stops inside the attention (no MLP), then the last
   position runs alone;
@@ -308,6 +312,24 @@ class _Prefix:
                 torch.cat([self.values.repeat(g, 1, 1, 1), values], dim=-2))
 
 
+class _AtRows:
+    """Stands in for a transformers cache for rows that each hold one position, positions[r]: their
+    attention sees the recorded keys/values of all n positions (later ones hidden by the mask), with
+    the row's own at its position. keys, values: (samples, kv_heads, n, d_head); row r is sample r % samples."""
+
+    def __init__(self, keys: Tensor, values: Tensor, positions: Tensor):
+        self.keys, self.values, self.positions = keys, values, positions
+
+    def update(self, keys: Tensor, values: Tensor, *args, **kwargs):
+        rows = keys.shape[0]                         # keys: (rows, kv_heads, 1, d_head)
+        g = rows // self.keys.shape[0]
+        k, v = self.keys.repeat(g, 1, 1, 1), self.values.repeat(g, 1, 1, 1)   # (rows, kv_heads, n, d_head)
+        r = torch.arange(rows, device=keys.device)
+        k[r, :, self.positions] = keys[:, :, 0]
+        v[r, :, self.positions] = values[:, :, 0]
+        return k, v
+
+
 class _Stop(Exception):
     """Ends a block's forward pass early (raised by :class:`_Collect`)."""
 
@@ -433,6 +455,35 @@ class BlockRunner:
             kw.update(dict.fromkeys(self.cache_arg[l], cache))
         kw = _expand(kw, h.shape[0])
         return first(self.blocks[l](**kw, **{self.hidden_arg[l]: h}))
+
+    def run_at(self, l: int, h: Tensor, positions: Tensor) -> Tensor:
+        """Block l on one position per row: h (rows, 1, d) at positions (rows,), attending to the recorded
+        keys/values of every earlier position (row r reading recorded row r % recorded rows): per-row mask
+        rows, position ids and rotary tables. Only where :attr:`at_ok` (blocks get no ``cache_position``)."""
+        kw = _rows_at(self.block_kwargs[l], positions, self.n, h.dtype, h.device)
+        rec = self.kv[l]
+        kw.update(dict.fromkeys(self.cache_arg[l], _AtRows(rec.keys, rec.values, positions)))
+        return first(self.blocks[l](**kw, **{self.hidden_arg[l]: h}))
+
+    @property
+    def at_ok(self) -> bool:
+        return self.split and all(kw.get("cache_position") is None for kw in self.block_kwargs)
+
+def _rows_at(kwargs: dict, positions: Tensor, n: int, dtype, device) -> dict:
+    """Block arguments for one query position per row, positions (rows,), attending to [0, n): per-row
+    mask rows (rows, heads, 1, n), position ids (rows, 1) and rotary tables (rows, 1, d_rot)."""
+    kw = dict(kwargs)
+    mask = kw.get("attention_mask")
+    if mask is None:    # sdpa builds no mask: make the causal one
+        mask = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
+    kw["attention_mask"] = mask[0][:, positions].transpose(0, 1)[:, :, None]   # (rows, heads, 1, n)
+    if kw.get("position_ids") is not None:
+        kw["position_ids"] = kw["position_ids"][0, positions][:, None]           # (rows, 1)
+    if kw.get("position_embeddings") is not None:                                # rotary (cos, sin)
+        kw["position_embeddings"] = type(kw["position_embeddings"])(x[0, positions][:, None]
+                                                                    for x in kw["position_embeddings"])
+    return kw
+
 
 # ----------------------------------------------------------------------------- tracer
 class Tracer:
@@ -621,11 +672,16 @@ class Tracer:
         L, S = self.arch.n_layers, self.samples
         mod = self.arch.mlp if kind == "mlp" else self.arch.attn
         held, h = [], None               # states after the previous block, their rows: (len(held) * S, n - start, d)
+        h0 = self.corrupted[0]
         for k, new in enumerate(plan):
             if not new:
                 continue
             made = [s for s in new if kind == "hidden" and s[1] == (k,)]       # block k's corrupted output, restored
-            run = [s for s in new if not (kind == "hidden" and s[1] == (k,))]  # through block k
+            # a module output first restored in block k changes only its token's position there (the others
+            # read keys/values of the block's input): those rows run block k on that one position
+            at_ok = self.split and self.runner.at_ok
+            fresh = [s for s in new if kind != "hidden" and s[1] == (k,) and at_ok]
+            run = [s for s in new if s[1] != (k,) or (kind != "hidden" and not at_ok)]  # through block k
             parts = []
             if run:
                 at = {s: i for i, s in enumerate(held)}
@@ -648,7 +704,20 @@ class Tracer:
                 y = self.corrupted[k + 1][:, start:].clone()                # (S, n - start, d)
                 y[:, t - start] = self.clean[("hidden", k)][t].to(y.dtype)
                 parts.append(y if k < L - 1 else y[:, -1:])
-            held, h = run + made, torch.cat(parts)
+            if fresh:
+                toks = torch.tensor([t for t, _ in fresh], device=h0.device).repeat_interleave(S)
+                x = torch.cat([self.corrupted[k][:, t:t + 1] for t, _ in fresh])   # (len(fresh) * S, 1, d)
+                states = self.clean[(kind, k)][toks]
+
+                def put(y: Tensor) -> Tensor:                               # (rows, 1, d)
+                    return states[:, None].to(y.dtype)
+                with patch(mod(k), put):
+                    out = self.runner.run_at(k, x, toks)                    # (len(fresh) * S, 1, d)
+                for i, (t, _) in enumerate(fresh):
+                    y = self.corrupted[k + 1][:, start:].clone()            # (S, n - start, d)
+                    y[:, t - start] = out[i * S:(i + 1) * S, 0]
+                    parts.append(y if k < L - 1 else y[:, -1:])
+            held, h = run + made + fresh, torch.cat(parts)
         logits = self.arch.unembed(self.arch.final_norm(h[:, -1]))         # (len(held) * S, vocab)
         p = logits.float().softmax(-1)[:, self.answer_id].view(len(held), S).mean(1).tolist()
         return dict(zip(held, p))
