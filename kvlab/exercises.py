@@ -614,7 +614,7 @@ def check_lora_targets(fn, model, tok=None, families: tuple[str, ...] = ("llama"
                 extra = sorted(set(got) - set(want))
                 why = f"{len(extra)} not a {role[:-1]} matrix, e.g. {extra[0]!r}"
             raise ExerciseError(f"exercise 08.1 ({label}, {arch.name}, {role}): {why}; expected e.g. {want[:2]}")
-    return f"keys and values of {', '.join(names)} match kvlab.lora.target_modules"
+    return f"keys and values of {', '.join(dict.fromkeys(names))} match kvlab.lora.target_modules"
 
 
 CHECKERS = {f.exercise: f for f in (check_coefficients, check_ffn_by_hand, check_top_triggers, check_project_value,
