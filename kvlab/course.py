@@ -120,15 +120,48 @@ def _failure(exc, nb_path: Path) -> tuple[str, int | None]:
     return f"{where}: {ename}: {evalue}\n{lines}", cell_index
 
 
-def run_notebook(path: Path, out_dir: Path, parameters: dict, progress: bool = True) -> NotebookRun:
+def with_solutions(path: Path, dest: Path, folder: Path | None = None) -> Path:
+    """Write ``path`` to ``dest`` with every exercise stub (a code cell tagged ``exercise``, its id in the cell
+    metadata ``exercise``) replaced by its solution: the section ``# %% exercise <id>`` of ``NN.py`` in
+    ``folder`` (default ``solutions/`` beside the notebook). A stub without a solution, or a solution
+    without a stub, is an error (SystemExit naming it)."""
+    import re
+
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    stubs = [c for c in nb.cells if "exercise" in c.get("metadata", {}).get("tags", [])]
+    file = (folder or path.parent / "solutions") / f"{path.name[:2]}.py"
+    parts = re.split(r"^# %% exercise (\S+)[ \t]*\n", file.read_text(encoding="utf-8"), flags=re.M) \
+        if file.exists() else [""]
+    solutions = {k: v.strip() + "\n" for k, v in zip(parts[1::2], parts[2::2])}
+    ids = [c.metadata.get("exercise") for c in stubs]
+    missing = [i for i in ids if i not in solutions]
+    unused = sorted(set(solutions) - set(ids))
+    if missing or unused:
+        raise SystemExit(f"{path.name}: exercise stubs without a solution in {file}: {missing}; "
+                         f"solutions without a stub: {unused}")
+    for c in stubs:
+        c.source = solutions[c.metadata["exercise"]].rstrip("\n")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, dest)
+    return dest
+
+
+def run_notebook(path: Path, out_dir: Path, parameters: dict, progress: bool = True,
+                 solutions: bool = False) -> NotebookRun:
+    import tempfile
+
     import papermill as pm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
     t0 = time.perf_counter()
     try:
-        pm.execute_notebook(str(path), str(out), parameters=parameters, progress_bar=progress,
-                            cwd=str(path.parent), kernel_name="python3", language="python")
+        with tempfile.TemporaryDirectory() as tmp:   # the exercises solved: a copy, run where the notebook is
+            src = with_solutions(path, Path(tmp) / path.name) if solutions else path
+            pm.execute_notebook(str(src), str(out), parameters=parameters, progress_bar=progress,
+                                cwd=str(path.parent), kernel_name="python3", language="python")
         ok, error, cell = True, "", None
     except Exception as exc:  # papermill raises PapermillExecutionError for cell errors
         ok = False
@@ -193,7 +226,8 @@ total {total:.0f} s ({total / 60:.1f} min).</p>
 
 
 def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict | None = None,
-        out_dir: Path = BUILD, html_out: bool = True, progress: bool = True) -> list[NotebookRun]:
+        out_dir: Path = BUILD, html_out: bool = True, progress: bool = True,
+        solutions: bool = True) -> list[NotebookRun]:
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +242,7 @@ def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict
     bar = tqdm(paths, desc="course", unit="notebook", disable=None)  # no bar in logs
     for path in bar:
         bar.set_postfix_str(path.name)
-        r = run_notebook(path, out_dir, per_notebook[path], progress=progress)
+        r = run_notebook(path, out_dir, per_notebook[path], progress=progress, solutions=solutions)
         runs.append(r)
         status = "ok" if r.ok else "FAILED"
         tqdm.write(f"{status:6s} {r.seconds:7.1f} s  {path.name}")
@@ -269,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                         "string), e.g. -p N_FACTS 1000 -p COUNTS '[2, 4]'")
     r.add_argument("--no-html", action="store_true")
     r.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
+    r.add_argument("--solutions", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the exercises with their solutions (notebooks/solutions/NN.py) in place of the "
+                        "stubs (default); --no-solutions runs the stubs as a learner gets them")
     sub.add_parser("list", help="list the notebooks")
     sub.add_parser("check", help="verify notebooks are cleared and have one parameters cell")
     sub.add_parser("clear", help="clear all notebook outputs in place")
@@ -285,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         clear()
         return 0
     extra = {k: _coerce(v) for k, v in a.parameter}
-    runs = run(a.only, a.model, a.device, extra, a.out, not a.no_html, not a.quiet)
+    runs = run(a.only, a.model, a.device, extra, a.out, not a.no_html, not a.quiet, a.solutions)
     return 0 if runs and all(r.ok for r in runs) else 1
 
 
