@@ -75,8 +75,9 @@ def _capture(fn, values: dict):
 
 def static_html(captured) -> str:
     """HTML of captured output: printed text, then each display as PNG, HTML, Markdown or plain text."""
-    from nbconvert.filters.markdown_mistune import markdown2html_mistune
+    import mistune   # nbconvert's Markdown renderer (2.x and 3.x share this call)
 
+    markdown = mistune.create_markdown(plugins=["table"])
     parts = [f"<pre>{html.escape(captured.stdout)}</pre>"] if captured.stdout.strip() else []
     for o in captured.outputs:
         data = o.data
@@ -87,7 +88,7 @@ def static_html(captured) -> str:
         elif "text/html" in data:
             parts.append(data["text/html"])
         elif "text/markdown" in data:
-            parts.append(markdown2html_mistune(data["text/markdown"]))
+            parts.append(markdown(data["text/markdown"]))
         elif "text/plain" in data:
             parts.append(f"<pre>{html.escape(data['text/plain'])}</pre>")
     return "\n".join(parts) or "<p>(the default setting shows nothing)</p>"

@@ -175,6 +175,7 @@ def test_each_explorer_reacts_in_jupyterlab(lab):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
+        page = None
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(60_000)
@@ -208,5 +209,9 @@ def test_each_explorer_reacts_in_jupyterlab(lab):
                 cell.screenshot(path=str(SHOTS / f"{i}_{name}_changed.png"))
                 print(f"{name} changed at {time.monotonic() - t0:.1f} s")
             page.screenshot(path=str(SHOTS / "notebook.png"), full_page=True)
+        except Exception:
+            if page is not None:
+                page.screenshot(path=str(SHOTS / "failure.png"), full_page=True)
+            raise
         finally:
             browser.close()
