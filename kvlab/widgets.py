@@ -7,8 +7,8 @@ displays as its last expression. They compute with kvlab's functions and draw wi
 An :class:`Explorer` is the widget plus a static rendering of that default view (HTML, figures
 as PNG). Displayed, it emits two outputs: the live widget, and the static block, which is what
 nbconvert's HTML (``build/course/``) and any viewer without a kernel or widget manager show. A
-style rule in the static block hides it inside JupyterLab and Notebook 7, where the live widget
-is there. Modules add their explorers at the end of this file.
+style rule in the static block hides it inside JupyterLab, where the live widget is there.
+Modules add their explorers at the end of this file.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import io
 import ipywidgets as W
 
 STATIC_CLASS = "kvlab-static"
-# Hidden where a live frontend draws the widget (the shells of JupyterLab and Notebook 7); shown in exported
-# HTML. Lab drops <style> from untrusted outputs, so a notebook opened after papermill shows both.
-_HIDE_IN_LAB = (f"<style>.jp-LabShell .{STATIC_CLASS}, .jp-NotebookShell .{STATIC_CLASS} "
-                "{display: none;}</style>")
+# Hidden inside JupyterLab's shell, where the live widget is drawn (tests/test_browser.py checks it); shown in
+# exported HTML and other frontends. Lab drops <style> from untrusted outputs, so a notebook opened after
+# papermill shows both.
+_HIDE_IN_LAB = f"<style>.jp-LabShell .{STATIC_CLASS} {{display: none;}}</style>"
 
 
 class Explorer(W.VBox):
@@ -44,10 +44,10 @@ class Explorer(W.VBox):
         display(self.static())
 
 
-def _png(fig) -> str:
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", dpi=80)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def _call(fn, values: dict) -> None:
@@ -60,7 +60,7 @@ def _call(fn, values: dict) -> None:
     for n in plt.get_fignums():
         if n not in before:
             fig = plt.figure(n)
-            display(Image(data=base64.b64decode(_png(fig)), format="png"))
+            display(Image(data=_png(fig), format="png"))
             plt.close(fig)
 
 
