@@ -5,6 +5,9 @@
 #   make compat         the unit tests and notebooks 00 and 05 at the floor versions of pyproject.toml
 #                       (requirements-floor.lock) and at the newest versions the registry has
 #   make compat-floor   the floor half alone (CI runs it)
+#   make lab            set up .venv, then JupyterLab on notebooks/ with the project's kernel and widgets
+#   make wheelhouse     download every wheel of the lock (and $(TORCH)) into wheelhouse/: the offline kit;
+#                       then `make lab OFFLINE=1` (or setup, test, course) installs from it with no network
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -14,11 +17,13 @@ FLOOR  ?= requirements-floor.lock
 # On a GPU machine: make test TORCH="torch" (or any CUDA build you prefer). The locks pin torch's
 # dependencies, never torch itself.
 TORCH  ?= torch==2.13.0
-PIP    := python -m pip install -q --disable-pip-version-check
+WHEELHOUSE ?= wheelhouse
+PIP    := python -m pip install -q --disable-pip-version-check \
+          $(if $(OFFLINE),--no-index --find-links $(abspath $(WHEELHOUSE)))
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup test course course-lowp course-check compat compat-floor compat-newest lock clean
+.PHONY: setup test course course-lowp course-check compat compat-floor compat-newest lock clean lab wheelhouse
 
 setup: $(VENV)/.installed
 
@@ -40,6 +45,21 @@ test: setup
 
 course: setup
 	$(BIN)/python -m kvlab.course run --quiet $(if $(ONLY),--only $(ONLY)) $(if $(MODEL),--model $(MODEL))
+
+# JupyterLab on notebooks/, the venv's kernel ("python3" inside .venv). MPLBACKEND is dropped so figures draw
+# inline. Extra options: make lab LAB_ARGS="--no-browser --port 8890".
+lab: setup
+	env -u MPLBACKEND $(BIN)/python -m jupyterlab --ServerApp.root_dir=notebooks $(LAB_ARGS)
+
+# The offline kit: every wheel of $(LOCK), $(TORCH) with its dependencies (pinned by the lock) and the build
+# backend of the editable install, for this machine's platform and Python. Copy the repository with
+# wheelhouse/ to each laptop (USB stick), then `make lab OFFLINE=1`.
+wheelhouse:
+	mkdir -p $(WHEELHOUSE)
+	$(PYTHON) -m pip download -q --disable-pip-version-check --only-binary :all: --no-deps -r $(LOCK) -d $(WHEELHOUSE)
+	$(PYTHON) -m pip download -q --disable-pip-version-check --only-binary :all: -c $(LOCK) "$(TORCH)" \
+	  "setuptools>=68" -d $(WHEELHOUSE)
+	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE) | wc -l) files, $$(du -sh $(WHEELHOUSE) | cut -f1)"
 
 # The identities of notebooks 01, 03 and 05 in low precision, as on a GPU (CPU bfloat16): tolerances come
 # from the dtype, float32 where the package needs it.

@@ -1,22 +1,125 @@
 """ipywidgets explorers for the notebooks.
 
-Every explorer is a function ``explore_x(model, tok, ...) -> ipywidgets.Widget`` that the
-notebook displays as its last expression. They compute with kvlab's functions and draw
-with :mod:`kvlab.plots`; under papermill they render once with their default values.
+Every explorer is a function ``explore_x(model, tok, ...) -> Explorer`` that the notebook
+displays as its last expression. They compute with kvlab's functions and draw with
+:mod:`kvlab.plots`; under papermill they render once with their default values.
+
+An :class:`Explorer` is the widget plus a static rendering of that default view (HTML, figures
+as PNG). Displayed, it emits two outputs: the live widget, and the static block, which is what
+nbconvert's HTML (``build/course/``) and any viewer without a kernel or widget manager show. A
+style rule in the static block hides it inside JupyterLab, where the live widget is there.
 Modules add their explorers at the end of this file.
 """
 from __future__ import annotations
 
+import base64
+import html
+import io
+
 import ipywidgets as W
 
+STATIC_CLASS = "kvlab-static"
+# Hidden inside JupyterLab's shell, where the live widget is drawn (tests/test_browser.py checks it); shown in
+# exported HTML and other frontends. Lab drops <style> from untrusted outputs, so a notebook opened after
+# papermill shows both.
+_HIDE_IN_LAB = f"<style>.jp-LabShell .{STATIC_CLASS} {{display: none;}}</style>"
 
-def interactive_output(fn, **controls) -> W.Widget:
-    """Controls in a row above the output of ``fn(**values)``; re-run on every change."""
-    out = W.interactive_output(fn, controls)
-    return W.VBox([W.HBox(list(controls.values())), out])
+
+class Explorer(W.VBox):
+    """An explorer: controls and output in a VBox, plus ``static_html``, its default view as HTML."""
+
+    def __init__(self, children, static_html: str, **kwargs):
+        super().__init__(children, **kwargs)
+        self.static_html = static_html
+
+    def static(self):
+        """The static block alone (an ``IPython.display.HTML``)."""
+        from IPython.display import HTML
+        return HTML(f"<div class='{STATIC_CLASS}'>{_HIDE_IN_LAB}<p><em>Static view of this explorer's "
+                    f"default setting (run the notebook to change it):</em></p>{self.static_html}</div>")
+
+    def _ipython_display_(self):
+        from IPython.display import display
+        display(self._repr_mimebundle_(), raw=True)     # the live widget (widget-view + text/plain)
+        display(self.static())
 
 
-def explore_lora(train_fn, roles, ranks, cache: dict | None = None) -> W.Widget:
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=80)
+    return buf.getvalue()
+
+
+def _call(fn, values: dict) -> None:
+    """``fn(**values)``; figures it leaves open (a non-inline backend such as Agg) are shown as PNG."""
+    import matplotlib.pyplot as plt
+    from IPython.display import Image, display
+
+    before = set(plt.get_fignums())
+    fn(**values)
+    for n in plt.get_fignums():
+        if n not in before:
+            fig = plt.figure(n)
+            display(Image(data=_png(fig), format="png"))
+            plt.close(fig)
+
+
+def _capture(fn, values: dict):
+    """Run ``fn(**values)`` and return what it printed and displayed (``IPython.utils.capture.CapturedIO``)."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output(stdout=True, stderr=False, display=True) as cap:
+        _call(fn, values)
+    return cap
+
+
+def static_html(captured) -> str:
+    """HTML of captured output: printed text, then each display as PNG, HTML, Markdown or plain text."""
+    import mistune   # nbconvert's Markdown renderer (2.x and 3.x share this call)
+
+    markdown = mistune.create_markdown(plugins=["table"])
+    parts = [f"<pre>{html.escape(captured.stdout)}</pre>"] if captured.stdout.strip() else []
+    for o in captured.outputs:
+        data = o.data
+        if "image/png" in data:
+            png = data["image/png"]
+            png = png if isinstance(png, str) else base64.b64encode(png).decode("ascii")
+            parts.append(f"<img src='data:image/png;base64,{png}'/>")
+        elif "text/html" in data:
+            parts.append(data["text/html"])
+        elif "text/markdown" in data:
+            parts.append(markdown(data["text/markdown"]))
+        elif "text/plain" in data:
+            parts.append(f"<pre>{html.escape(data['text/plain'])}</pre>")
+    return "\n".join(parts) or "<p>(the default setting shows nothing)</p>"
+
+
+def interactive_output(fn, **controls) -> Explorer:
+    """Controls in a row above the output of ``fn(**values)``; re-run on every change.
+
+    The first run (the default values) is captured once: replayed into the output widget and kept
+    as the explorer's static view. An error in it raises (a notebook run fails instead of showing
+    an empty box); an error after a change is shown in the output.
+    """
+    out = W.Output()
+
+    def values():
+        return {name: w.value for name, w in controls.items()}
+
+    def update(change=None):
+        with out:                    # Output shows a traceback raised here and swallows it
+            out.clear_output(wait=True)
+            _call(fn, values())
+
+    first = _capture(fn, values())
+    with out:
+        first.show()
+    for w in controls.values():
+        w.observe(update, "value")
+    return Explorer([W.HBox(list(controls.values())), out], static_html(first))
+
+
+def explore_lora(train_fn, roles, ranks, cache: dict | None = None) -> Explorer:
     """Pick a LoRA role and rank -> held-out accuracy per epoch and training loss per step.
 
     ``train_fn(role, rank)`` returns a :class:`kvlab.lora_train.History` (trained on demand);
@@ -48,7 +151,7 @@ def explore_lora(train_fn, roles, ranks, cache: dict | None = None) -> W.Widget:
     return interactive_output(show, role=role_w, rank=rank_w)
 
 
-def explore_memories(model, tok, index, n: int = 8, top: int = 8) -> W.Widget:
+def explore_memories(model, tok, index, n: int = 8, top: int = 8) -> Explorer:
     """Pick a mined layer and a key: its top trigger prefixes and the tokens its value promotes.
 
     ``index`` is a :class:`kvlab.triggers.TriggerIndex`; the value is read through final norm +
@@ -74,7 +177,7 @@ def explore_memories(model, tok, index, n: int = 8, top: int = 8) -> W.Widget:
     return interactive_output(show, layer=layer_w, key=key_w)
 
 
-def explore_lens(model, tok, prompt: str) -> W.Widget:
+def explore_lens(model, tok, prompt: str) -> Explorer:
     """Type a prompt: per layer, the top token of the residual before the FFN, the FFN output, and after."""
     from IPython.display import display, Markdown
 
@@ -102,7 +205,7 @@ def explore_lens(model, tok, prompt: str) -> W.Widget:
 
 
 def explore_editing(model, tok, editors: dict, prompt: str = "{} lives in", subject: str = "",
-                    target: str = "", probes: str = "", k: int = 5) -> W.Widget:
+                    target: str = "", probes: str = "", k: int = 5) -> Explorer:
     """Type a subject and a new target, pick an editor, press *edit*: top-k predictions before/after.
 
     ``editors`` maps a name to ``fn(model, tok, EditRequest) -> WeightEdit`` (e.g.
@@ -129,31 +232,39 @@ def explore_editing(model, tok, editors: dict, prompt: str = "{} lives in", subj
     button = W.Button(description="edit", button_style="primary")
     out = W.Output()
 
+    def report():
+        try:
+            req = EditRequest(w_prompt.value, w_subject.value.strip(), w_target.value.strip())
+            prompts = [req.text] + [p.strip().replace("{}", req.subject) for p in w_probes.value.split("|")
+                                    if p.strip()]
+            before = topk(prompts)
+            saved = snapshot(model)
+            with editors[w_method.value](model, tok, req) as edit:
+                after = topk(prompts)
+            print(f"{edit}")
+            for p, b, a in zip(prompts, before, after):
+                print(f"{p!r}\n   before: {b}\n   after:  {a}")
+            print("weights restored after undo:", same_weights(model, saved))
+        except ValueError as e:
+            print("ValueError:", e)
+
     def run(_=None):
         out.clear_output()
         with out:
-            try:
-                req = EditRequest(w_prompt.value, w_subject.value.strip(), w_target.value.strip())
-                prompts = [req.text] + [p.strip().replace("{}", req.subject) for p in w_probes.value.split("|")
-                                        if p.strip()]
-                before = topk(prompts)
-                saved = snapshot(model)
-                with editors[w_method.value](model, tok, req) as edit:
-                    after = topk(prompts)
-                print(f"{edit}")
-                for p, b, a in zip(prompts, before, after):
-                    print(f"{p!r}\n   before: {b}\n   after:  {a}")
-                print("weights restored after undo:", same_weights(model, saved))
-            except ValueError as e:
-                print("ValueError:", e)
+            report()
 
     button.on_click(run)
+    static = "<p>(no edit by default: type a subject and a new target, then press <em>edit</em>)</p>"
     if subject and target:
-        run()
-    return W.VBox([W.HBox([w_prompt, w_subject]), W.HBox([w_target, w_method]), w_probes, button, out])
+        first = _capture(report, {})
+        with out:
+            first.show()
+        static = static_html(first)
+    children = [W.HBox([w_prompt, w_subject]), W.HBox([w_target, w_method]), w_probes, button, out]
+    return Explorer(children, static)
 
 
-def explore_tracing(model, tok, facts, noise: float, samples: int = 10, window: int = 10) -> W.Widget:
+def explore_tracing(model, tok, facts, noise: float, samples: int = 10, window: int = 10) -> Explorer:
     """Pick a fact and a kind -> its causal-tracing heatmap (each fact traced once, then cached).
 
     ``facts``: known facts (``kvlab.data.KnownFact`` or (prompt, subject) pairs).
@@ -180,7 +291,7 @@ def explore_tracing(model, tok, facts, noise: float, samples: int = 10, window: 
 
 
 def explore_neurons(model, tok, facts: dict, cache: dict | None = None, steps: int = 20, t: float = 0.2,
-                    p: float = 0.7) -> W.Widget:
+                    p: float = 0.7) -> Explorer:
     """Pick a fact -> its mean attribution heatmap over its prompts, and its knowledge neurons.
 
     ``facts`` maps a label to ``(prompts, answer)``; ``cache`` maps labels to
