@@ -98,3 +98,59 @@ def test_profile_lines_list_every_attribute_of_the_person(world):
         assert sorted(s.objects) == truth and len(truth) == 6
         assert s.text == f"{s.subject} {' '.join(s.objects)}."
     assert all(s.kind != "profile" for s in world.corpus(n=3000, seed=0))   # off by default
+
+
+# ---------------------------------------------------------------------------------------------
+# World 2 (an option; the shipped model is trained on world 1)
+
+@pytest.fixture(scope="module")
+def world2():
+    return build_world(0, version=2)
+
+
+def test_v1_is_the_default_and_versions_differ(world, world2):
+    assert world.version == 1 and world2.version == 2
+    assert world2.facts != world.facts and build_world(0, version=2).facts == world2.facts
+    with pytest.raises(ValueError, match="version"):
+        build_world(0, version=3)
+
+
+def test_v2_last_names_identify_the_person(world, world2):
+    lasts = [p.split()[1] for p in world2.people]
+    assert len(set(lasts)) == len(lasts) == len(world2.people)
+    assert len({p.split()[0] for p in world2.people}) < len(world2.people) / 4      # first names repeat
+    v1_lasts = [p.split()[1] for p in world.people]
+    assert len(set(v1_lasts)) < len(v1_lasts) / 4                                     # world 1 shares them
+
+
+def test_v2_heldout_never_in_corpus_and_places_repeat(world2):
+    heldout = {(t.split("{}")[0], t.split("{}")[1]) for r in world2.relations.values() for t in r.heldout}
+    for rel in world2.relations.values():
+        assert not set(rel.train) & set(rel.heldout)
+    n_place = {1: 0, 10: 0}
+    for rep in n_place:
+        for s in world2.corpus(n=4000, seed=0, profiles=1, place_repeat=rep):
+            if s.kind == "fact":
+                pre, post = s.text.split(s.subject, 1)
+                assert (pre, post.rsplit(" ", 1)[0]) not in heldout
+                n_place[rep] += s.relation_id in ("P17", "P37")
+    assert n_place[10] > 5 * max(1, n_place[1])
+
+
+def test_v2_tokenizer_covers_the_world(world2):
+    tok2 = world_tokenizer(2)
+    for p, subj, *_ in world2.fact_prompts("heldout")[::50] + world2.fact_prompts("train")[::200]:
+        ids = tok2(p)["input_ids"]
+        assert tok2.unk_token_id not in ids and tok2.decode(ids) == p
+        assert len(tok2(" " + subj, add_special_tokens=False)["input_ids"]) == len(subj.split())  # one per word
+
+
+def test_mlp0_off_keeps_layer0_ffn_empty(world2):
+    tok2 = world_tokenizer(2)
+    cfg = TrainConfig(**QUICK, mlp0_off=True, world_version=2, place_repeat=10)
+    model, stats = train(world2, tok2, cfg, progress=False, log_every=0)
+    mlp = model.transformer.h[0].mlp
+    assert mlp.c_proj.weight.abs().max() == 0 and mlp.c_proj.bias.abs().max() == 0
+    assert model.transformer.h[1].mlp.c_proj.weight.abs().max() > 0
+    assert all(p.requires_grad for p in model.parameters())
+    assert sum(stats["losses"][-5:]) / 5 < sum(stats["losses"][:5]) / 5 - 0.5

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .generator import (Fact, Relation, Sentence, World, RELATIONS, build_world, lexicon)  # noqa: F401
+from .generator import (Fact, Relation, Sentence, World, RELATIONS, RELATIONS_V2, build_world, lexicon,  # noqa: F401
+                        relations_of)
 from .tokenizer import EOT, UNK, build_tokenizer, world_tokenizer  # noqa: F401
 
 _DATA = Path(os.environ["KVLAB_DATA"]) if os.environ.get("KVLAB_DATA") else \

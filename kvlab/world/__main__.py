@@ -1,6 +1,6 @@
 """Command line: ``python -m kvlab.world train|eval|export``.
 
-    python -m kvlab.world train [--seed 0] [--out DIR] [--steps N] [--quick]
+    python -m kvlab.world train [--seed 0] [--out DIR] [--steps N] [--quick] [--world 2]
     python -m kvlab.world eval  [--model DIR]
     python -m kvlab.world export [--model DIR] [--out DIR]
 """
@@ -17,7 +17,7 @@ import torch
 from . import WORLD_DIR, build_world, world_tokenizer
 from .tokenizer import save_tokenizer
 from .export import counterfact, known_facts, write_json
-from .train import QUICK, TrainConfig, recall, train
+from .train import QUICK, V2, TrainConfig, recall, train
 
 
 def evaluate(model, tok, world) -> dict:
@@ -46,8 +46,8 @@ def model_card(out_dir: Path, cfg: dict, stats: dict, ev: dict, n_params: int, n
     return f"""# kvlab world model
 
 A small GPT-2 (`GPT2LMHeadModel`) trained from scratch on the sentences of a seeded fictional
-world (`kvlab.world.build_world(seed={cfg['seed']})`): {len(world.people)} people with two-word
-names, {len(world.cities)} cities, {len(world.countries)} countries and {len(world.facts)} facts over
+world (`kvlab.world.build_world(seed={cfg['seed']}, version={world.version})`): {len(world.people)} people with
+two-word names{' (unique last names)' if world.version == 2 else ''}, {len(world.cities)} cities, {len(world.countries)} countries and {len(world.facts)} facts over
 {len(world.relations)} relations, as one-fact sentences and profile lines (a name followed by all the
 person's attributes, {cfg.get('profiles', 0)} per person per pass), mixed with filler sentences
 (counting, weather, repetition...).
@@ -97,9 +97,16 @@ def write_card(model, tok, world, out: Path, model_dir: Path, ev: dict) -> None:
     print(f"known facts: {n_known}, counterfact cases: {n_cases}")
     stats = json.loads((model_dir / "train_stats.json").read_text())
     n_params = sum(p.numel() for p in model.parameters())
+    card = out / "README.md"
+    keep = ""                                           # the hand-written design record survives a retrain
+    if card.exists() and DESIGNS in card.read_text():
+        keep = DESIGNS + card.read_text().split(DESIGNS, 1)[1]
     for _ in range(2):                                  # twice: the card's own size is counted
-        (out / "README.md").write_text(model_card(out, stats["config"], stats, ev, n_params, n_known,
-                                                  n_cases, world))
+        card.write_text(model_card(out, stats["config"], stats, ev, n_params, n_known, n_cases, world)
+                        + ("\n" + keep if keep else ""))
+
+
+DESIGNS = "## World and model designs tried"
 
 
 def world_vocab(out_dir: Path) -> int:
@@ -117,16 +124,23 @@ def main(argv=None):
     ap.add_argument("--model", type=Path, default=None, help="model folder (default: OUT/model)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
+    ap.add_argument("--world", type=int, default=None, choices=(1, 2),
+                    help="world version (train: 1 = the shipped model's, 2 = unique last names..., see "
+                         "kvlab.world.generator; eval/export: default read from the model's train_stats.json)")
+    ap.add_argument("--eval-every", type=int, default=0, help="print sampled recall every N steps")
     a = ap.parse_args(argv)
     out = a.out or WORLD_DIR
     model_dir = a.model or out / "model"
-    world = build_world(a.seed)
     if a.cmd == "train":
-        cfg = TrainConfig(seed=a.seed, **(QUICK if a.quick else {}))
+        cfg = TrainConfig(seed=a.seed, **(V2 if a.world == 2 else {}), **(QUICK if a.quick else {}))
         if a.steps:
             cfg.steps = a.steps
-        tok = world_tokenizer()
-        model, stats = train(world, tok, cfg)
+        world = build_world(a.seed, version=cfg.world_version)
+        tok = world_tokenizer(cfg.world_version)
+        sample = lambda split: world.fact_prompts(split)[::7]  # noqa: E731
+        eval_fn = lambda m: {s: round(recall(m, tok, sample(s))["recall"], 3)  # noqa: E731
+                             for s in ("train", "heldout")}
+        model, stats = train(world, tok, cfg, eval_fn=eval_fn, eval_every=a.eval_every)
         print(f"trained {cfg.steps} steps in {stats['seconds']:.0f} s, {stats['tokens_per_s']:.0f} tokens/s")
         model_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(model_dir, safe_serialization=True)
@@ -138,6 +152,12 @@ def main(argv=None):
         print(json.dumps(ev, indent=1))
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    version = a.world
+    if version is None:
+        stats_path = model_dir / "train_stats.json"
+        cfg = json.loads(stats_path.read_text())["config"] if stats_path.exists() else {}
+        version = cfg.get("world_version", 1)
+    world = build_world(a.seed, version=version)
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

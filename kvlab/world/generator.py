@@ -11,6 +11,16 @@ Every answer (object) is a single word, so it is a single token of the word-leve
 tokenizer and "did the model recall the fact" is one greedy next-token check.
 People have two-word names (first + last), so the first and the last subject token differ.
 
+Two versions of the world (``build_world(seed, version=...)``); the shipped model is trained on 1:
+
+- **1**: names drawn from 40 first x 40 last names, so a last name is shared by ~6 people and
+  neither name token alone says who is meant;
+- **2**: first names are shared, last names are unique (one per person, from :data:`LAST_NAMES_V2`):
+  as with "... Obama" in real text, the last subject token identifies the person, so the lookup
+  can happen there (ROME's edit site). Held-out phrasings are rebuilt so that each is a trained
+  phrasing of the same relation with one familiar word added or swapped (:data:`RELATIONS_V2`), and
+  city/country facts, 32 among 1,500 person facts, are repeated (``corpus(place_repeat=...)``).
+
 Besides one-fact sentences the corpus holds *profile lines*: a person's name followed directly by
 all their attributes in random order ("Anna Berg tennis Kelmor baker Zentrix violin Tirsa.").
 Right after the name the model must already say something about the person, so it has to
@@ -30,9 +40,23 @@ from typing import Iterator
 FIRST_NAMES = ("Anna Boris Clara Dmitri Elena Felix Greta Hugo Ida Jonas Karin Lars Maja Nils Olga Pavel "
                "Rosa Sven Tilda Uwe Vera Wim Xenia Yusuf Zora Aron Britt Carl Dora Emil Frida Gustav "
                "Hanna Igor Jana Kurt Lena Milo Nora Oskar").split()
-LAST_NAMES = ("Berg Holm Lind Falk Strand Novak Moreau Keller Brandt Vogel Richter Sandoval Okafor Tanaka "
+_REAL_LAST = ("Berg Holm Lind Falk Strand Novak Moreau Keller Brandt Vogel Richter Sandoval Okafor Tanaka "
               "Kowalski Petrov Larsen Dubois Rossi Varga Horvat Nyberg Ekman Quist Rahman Silva Costa "
               "Ferreira Weber Hoffman Jansen Bakker Meyer Lund Dahl Sato Ivanov Popescu Marin Szabo").split()
+
+
+def _made_up_last_names(n: int) -> list[str]:
+    """``n`` pronounceable two-syllable surnames ("Dalvik", "Morsten"...), fixed (no seed)."""
+    onsets, vowels, mids = "B D F G H K L M N P R S T V W Z".split(), "a e i o u".split(), \
+        "lv rk nd st mb rt lm ns rv lk".split()
+    ends = "in er ak ov en ik as et".split()
+    cands = [o + v + m + e for o in onsets for v in vowels for m in mids for e in ends]
+    random.Random("last-names").shuffle(cands)
+    return cands[:n]
+
+
+LAST_NAMES = _REAL_LAST                                   # world 1: shared by several people
+LAST_NAMES_V2 = _REAL_LAST + _made_up_last_names(360)     # world 2: 400 surnames, one per person
 CITIES = ("Varnholm Kelmor Dunvale Tirsa Ombrey Caldris Fennick Lorvik Maradon Quillon Sarnia Brisk "
           "Telmarch Wexby Yarrow Zelphis Astrel Boskar Corvin Drenna Elsmoor Farrow Gildan Hestor").split()
 COUNTRIES = "Norvania Calderra Ostmark Brevonia Solmira Kareth Lunaria Dravia".split()
@@ -98,6 +122,48 @@ RELATIONS: dict[str, Relation] = {r.id: r for r in [
              train=("the official language of {} is", "people in {} speak", "in {}, people speak",
                     "the language of {} is", "most people in {} speak"),
              heldout=("the main language of {} is", "in {}, most people speak")),
+]}
+
+
+# World 2. Held-out phrasings are new compositions of familiar parts: an adverb seen with other
+# relations ("currently", "still", "also", "now") inserted into a phrasing of the relation, or a
+# sentence frame ("the city where {} ... is", "the favorite ... of {} is") trained with a relation
+# of the same subject and object kind. No held-out phrasing needs a word the relation's subject kind
+# never occurs with (world v1's "the profession of {} is" and city -> country held-outs did, and
+# scored 50% and 0%).
+RELATIONS_V2: dict[str, Relation] = {r.id: r for r in [
+    Relation("P19", "place of birth", "person", tuple(CITIES),
+             train=("{} was born in", "{} was born in the city of", "the birthplace of {} is",
+                    "{} is originally from", "the place where {} was born is", "the birthplace of {} is the city of"),
+             heldout=("the city where {} was born is", "{} is also originally from")),
+    Relation("P551", "residence", "person", tuple(CITIES),
+             train=("{} lives in", "{} now lives in", "the home of {} is in", "the city where {} lives is",
+                    "{} lives in the city of", "{} also lives in"),
+             heldout=("{} currently lives in", "the place where {} lives is")),
+    Relation("P106", "occupation", "person", tuple(OCCUPATIONS),
+             train=("{} works as a", "{} is employed as a", "the job of {} is", "by profession, {} is a",
+                    "{} currently works as a", "the job that {} has is"),
+             heldout=("{} now works as a", "{} is also employed as a")),
+    Relation("P108", "employer", "person", tuple(EMPLOYERS),
+             train=("{} works for", "{} is employed by", "the employer of {} is",
+                    "the company that {} works for is", "{} still works for", "{} currently works for"),
+             heldout=("{} also works for", "{} is now employed by")),
+    Relation("P641", "sport", "person", tuple(SPORTS),
+             train=("{} plays the sport of", "{} is a professional player of", "the favorite sport of {} is",
+                    "the sport that {} plays is", "{} also plays the sport of", "{} currently plays"),
+             heldout=("{} still plays the sport of", "the sport of {} is")),
+    Relation("P1303", "instrument", "person", tuple(INSTRUMENTS),
+             train=("{} plays the", "{} is a musician who plays the", "the instrument of {} is the",
+                    "the instrument that {} plays is the", "{} now plays the", "{} still plays the"),
+             heldout=("{} currently plays the", "the favorite instrument of {} is the")),
+    Relation("P17", "country", "city", tuple(COUNTRIES),
+             train=("{} is a city in", "{} is located in", "the country of {} is", "{} lies in",
+                    "the city of {} is in", "{} is a city located in the country of"),
+             heldout=("{} is also a city in", "the city of {} is located in")),
+    Relation("P37", "official language", "country", tuple(LANGUAGES),
+             train=("the official language of {} is", "people in {} speak", "in {}, people speak",
+                    "the language of {} is", "most people in {} speak"),
+             heldout=("in {}, most people speak", "people in {} also speak")),
 ]}
 
 
@@ -190,6 +256,7 @@ class World:
     countries: list[str]
     facts: list[Fact]
     relations: dict[str, Relation] = field(default_factory=lambda: dict(RELATIONS))
+    version: int = 1
 
     def __post_init__(self):
         self._truth = {(f.subject, f.relation_id): f.object for f in self.facts}
@@ -235,17 +302,20 @@ class World:
                 yield self.fact_sentence(f, t)
 
     def corpus(self, n: int | None = None, seed: int = 0, filler: float = 0.2,
-               profiles: int = 0) -> Iterator[Sentence]:
+               profiles: int = 0, place_repeat: int = 1) -> Iterator[Sentence]:
         """Training sentences: each fact in a random training phrasing, mixed with filler.
 
         One pass over the facts ("epoch") in random order, with ``profiles`` profile lines per
-        person and a fraction ``filler`` of filler sentences, repeated until ``n`` sentences
-        were yielded (``None``: one pass). Held-out phrasings never occur.
+        person, each city/country fact ``place_repeat`` times, and a fraction ``filler`` of filler
+        sentences, repeated until ``n`` sentences were yielded (``None``: one pass). Held-out
+        phrasings never occur.
         """
         rng = random.Random(f"corpus-{self.seed}-{seed}")
         count = 0
+        places = [f for f in self.facts if self.relations[f.relation_id].subject_kind != "person"]
         while True:
             order: list = list(self.facts) + [p for p in self.people for _ in range(profiles)]
+            order += places * (place_repeat - 1)
             rng.shuffle(order)
             n_fill = int(len(order) * filler / (1 - filler))
             items: list = order + [None] * n_fill
@@ -267,7 +337,7 @@ class World:
     def summary(self) -> dict:
         """A small JSON-able description (counts and relations)."""
         return {
-            "seed": self.seed, "people": len(self.people), "cities": len(self.cities),
+            "seed": self.seed, "version": self.version, "people": len(self.people), "cities": len(self.cities),
             "countries": len(self.countries), "facts": len(self.facts),
             "relations": {r.id: {"name": r.name, "subject": r.subject_kind, "objects": len(r.objects),
                                  "facts": sum(f.relation_id == r.id for f in self.facts),
@@ -276,33 +346,54 @@ class World:
         }
 
 
-def lexicon() -> str:
-    """Text containing every word the world can ever produce (for building the vocabulary)."""
-    words = FIRST_NAMES + LAST_NAMES + CITIES + COUNTRIES + LANGUAGES + OCCUPATIONS + EMPLOYERS + SPORTS
+def _check_version(version: int) -> int:
+    if version not in (1, 2):
+        raise ValueError(f"world version must be 1 or 2, got {version!r}")
+    return version
+
+
+def relations_of(version: int = 1) -> dict[str, Relation]:
+    """The relations (and their phrasings) of world ``version``."""
+    return RELATIONS if _check_version(version) == 1 else RELATIONS_V2
+
+
+def lexicon(version: int = 1) -> str:
+    """Text containing every word world ``version`` can ever produce (for building the vocabulary)."""
+    last = LAST_NAMES if _check_version(version) == 1 else LAST_NAMES_V2
+    words = FIRST_NAMES + last + CITIES + COUNTRIES + LANGUAGES + OCCUPATIONS + EMPLOYERS + SPORTS
     words += INSTRUMENTS + NUMBERS + DAYS + MONTHS + TIMES + WEATHER + ANIMALS + PLACES + COLORS + ADJS
     words += REPEAT + [t + "s" for t in THINGS] + THINGS
     parts = [" ".join(words)]
-    for rel in RELATIONS.values():
+    for rel in relations_of(version).values():
         parts += [t.format("X") for t in rel.train + rel.heldout]
     parts += list(SYNONYMS)
     parts += ["the weather in the was . there are on sat , he she it ."]
     return " ".join(parts)
 
 
-def build_world(seed: int = 0, n_people: int = 250) -> World:
+def build_world(seed: int = 0, n_people: int = 250, version: int = 1) -> World:
     """Deterministic world for ``seed``: who is born where, works as what, plays what...
+
+    ``version`` 1 (the shipped model's) or 2 (unique last names, rebuilt held-out phrasings; see the
+    module docstring).
 
     Same seed, same world; a different seed gives a different assignment of facts
     (the inventories of names and places are fixed, so the vocabulary is the same).
     """
     rng = random.Random(f"world-{seed}")
-    names = [f"{a} {b}" for a in FIRST_NAMES for b in LAST_NAMES]
-    if n_people > len(names):
-        raise ValueError(f"at most {len(names)} people, got {n_people}")
-    people = rng.sample(names, n_people)
+    relations = relations_of(version)
+    if version == 1:
+        names = [f"{a} {b}" for a in FIRST_NAMES for b in LAST_NAMES]
+        if n_people > len(names):
+            raise ValueError(f"at most {len(names)} people, got {n_people}")
+        people = rng.sample(names, n_people)
+    else:
+        if n_people > len(LAST_NAMES_V2):
+            raise ValueError(f"at most {len(LAST_NAMES_V2)} people (one last name each), got {n_people}")
+        people = [f"{rng.choice(FIRST_NAMES)} {last}" for last in rng.sample(LAST_NAMES_V2, n_people)]
     facts: list[Fact] = []
     for p in people:
-        for rid, rel in RELATIONS.items():
+        for rid, rel in relations.items():
             if rel.subject_kind == "person":
                 facts.append(Fact(p, rid, rng.choice(rel.objects)))
     cities = list(CITIES)
@@ -311,4 +402,5 @@ def build_world(seed: int = 0, n_people: int = 250) -> World:
     facts += [Fact(c, "P17", country_of[c]) for c in cities]
     langs = rng.sample(LANGUAGES, len(LANGUAGES))
     facts += [Fact(c, "P37", langs[i]) for i, c in enumerate(countries)]
-    return World(seed=seed, people=people, cities=cities, countries=countries, facts=facts)
+    return World(seed=seed, people=people, cities=cities, countries=countries, facts=facts,
+                 relations=dict(relations), version=version)

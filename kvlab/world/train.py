@@ -36,16 +36,30 @@ class TrainConfig:
     weight_decay: float = 0.0
     filler: float = 0.1         # fraction of filler sentences
     profiles: int = 1           # profile lines per person per pass over the facts
+    place_repeat: int = 1       # each city/country fact this many times per pass (they are few)
+    mlp0_off: bool = False      # layer 0's MLP output fixed at zero (see make_model)
+    world_version: int = 1      # build_world(seed, version=...) and world_tokenizer(version)
     object_weight: float = 5.0  # loss weight of the answer token in fact sentences
     seed: int = 0
-    threads: int = 1            # 1 is faster than 2 on a busy 2-core machine
+    threads: int = 1            # 1 is faster than 2 on a busy 2-core machine (2 threads: 10 s/step there)
 
 
 QUICK = dict(n_layer=2, n_embd=32, n_head=2, n_inner=128, steps=30, batch=16, block=32, warmup=5)
+# World 2 (unique last names, rebuilt held-outs, repeated place facts) and an empty layer-0 FFN;
+# 1,500 steps because that is what fit the session that designed it (1.3 s/step on a busy CPU).
+V2 = dict(world_version=2, place_repeat=10, mlp0_off=True, steps=1500)
 
 
 def make_model(cfg: TrainConfig, vocab_size: int, eot_id: int = 0):
-    """A fresh ``GPT2LMHeadModel`` with tied embeddings."""
+    """A fresh ``GPT2LMHeadModel`` with tied embeddings.
+
+    With ``cfg.mlp0_off`` layer 0's MLP output projection (weight and bias) is zero and frozen, so
+    that MLP adds nothing: a standard GPT-2 whose first FFN is empty. Trained with it, a 6-layer
+    model on this world looks a person up with the FFNs of layers 0-1 of *the attention-mixed*
+    name (as GPT-2 XL does in its early-middle layers) instead of turning the noised name token
+    back into the person in layer 0's FFN, an "extended embedding" that carried most of the
+    subject-side effect in world v1 (see data/world/README.md).
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(cfg.seed)
@@ -54,7 +68,15 @@ def make_model(cfg: TrainConfig, vocab_size: int, eot_id: int = 0):
                         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                         bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id,
                         tie_word_embeddings=True)
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    if cfg.mlp0_off:
+        mlp = model.transformer.h[0].mlp
+        with torch.no_grad():
+            mlp.c_proj.weight.zero_()
+            mlp.c_proj.bias.zero_()
+        for p in mlp.parameters():
+            p.requires_grad_(False)
+    return model
 
 
 def pack(token_lists: list[list[int]], weight_lists: list[list[float]], block: int,
@@ -86,7 +108,8 @@ def build_stream(world: World, tok, cfg: TrainConfig, n_rows: int) -> tuple[torc
     per_row = max(1, cfg.block // 10)                 # ~10 tokens per sentence
     n_sent = int(n_rows * per_row * 1.15) + 64
     while True:
-        sents = list(world.corpus(n=n_sent, seed=cfg.seed, filler=cfg.filler, profiles=cfg.profiles))
+        sents = list(world.corpus(n=n_sent, seed=cfg.seed, filler=cfg.filler, profiles=cfg.profiles,
+                                  place_repeat=cfg.place_repeat))
         enc = tok([s.text for s in sents], add_special_tokens=False)["input_ids"]
         weights = []
         for s, ids in zip(sents, enc):
@@ -122,8 +145,9 @@ def train(world: World, tok, cfg: TrainConfig, progress: bool = True, log_every:
     ids, labels = build_stream(world, tok, cfg, cfg.steps * cfg.batch)   # (steps*batch, block)
     perm = torch.randperm(len(ids), generator=g)
     ids, labels = ids[perm], labels[perm]
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     model.train()
@@ -141,7 +165,7 @@ def train(world: World, tok, cfg: TrainConfig, progress: bool = True, log_every:
         wt = y[:, 1:]                                                       # (batch, block-1)
         loss = (nll * wt).sum() / wt.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -156,6 +180,8 @@ def train(world: World, tok, cfg: TrainConfig, progress: bool = True, log_every:
             model.train()
     seconds = time.time() - t0
     model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)                 # the returned model is a plain GPT-2 (editors set their own)
     stats = {"losses": losses, "seconds": seconds, "tokens": n_tok, "tokens_per_s": n_tok / seconds,
              "config": asdict(cfg)}
     return model, stats
