@@ -16,7 +16,7 @@ FLOOR  ?= requirements-floor.lock
 TORCH  ?= torch==2.13.0
 PIP    := python -m pip install -q --disable-pip-version-check
 export HF_HUB_OFFLINE ?= 1
-export MPLBACKEND ?= Agg
+export MPLBACKEND ?= module://matplotlib_inline.backend_inline
 
 .PHONY: setup test course course-lowp course-check compat compat-floor compat-newest lock clean
 
