@@ -196,19 +196,26 @@ def collect_claims(out_dir: Path) -> list[dict]:
     return claims
 
 
+def _ours(c: dict) -> str:
+    """Our number, with its 95% interval and sample size where the notebook gave them."""
+    ci = c.get("ci")
+    n = c.get("n")
+    return f"{c['ours']:.4g}" + ("" if not ci else f" [{ci[0]:.3g}, {ci[1]:.3g}]") + ("" if n is None else f" (n={n})")
+
+
 def _scorecard(claims: list[dict]) -> str:
     if not claims:
         return "<p>No claims recorded.</p>"
     colour = {"reproduced": "#d7f0d7", "partly reproduced": "#fbeec2", "not reproduced": "#f6d4d4"}
     rows = "".join(
         f"<tr style='background:{colour.get(c['verdict'], '#fff')}'><td>{html.escape(c['key'])}</td>"
-        f"<td>{html.escape(c['text'])}</td><td>{html.escape(str(c['paper']))}</td><td>{c['ours']:.4g}</td>"
+        f"<td>{html.escape(c['text'])}</td><td>{html.escape(str(c['paper']))}</td><td>{_ours(c)}</td>"
         f"<td>{html.escape(c['expect'])}</td><td>{html.escape(c['verdict'])}</td>"
         f"<td>{html.escape(c['source'])}</td></tr>" for c in claims)
     counts = ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}" for v in colour)
     return (f"<h2>Reproduction scorecard</h2><p>{len(claims)} claims: {counts} "
             f"(<a href='claims.json'>claims.json</a>).</p><table><tr><th>claim</th><th></th><th>paper</th>"
-            f"<th>ours</th><th>criterion</th><th>verdict</th><th>source</th></tr>{rows}</table>")
+            f"<th>ours [95% CI] (n)</th><th>criterion</th><th>verdict</th><th>source</th></tr>{rows}</table>")
 
 
 def write_index(runs: list[NotebookRun], out_dir: Path, model: str, claims: list[dict] | None = None) -> Path:

@@ -197,3 +197,11 @@ def test_no_doc_refers_to_a_file_outside_the_repository():
         # every relative link or `path` of a markdown/code-span file reference must exist in the repository
         for target in re.findall(r"\]\(((?!https?:|#|mailto:)[^)\s]+)\)", text):
             assert (path.parent / target.split("#")[0]).exists(), f"{path.name} links to missing {target}"
+
+
+def test_scorecard_shows_intervals(tmp_path):
+    row = dict(key="08.keys_beat_values", text="keys beat values", ours=0.02, expect="> 0", verdict="reproduced",
+               paper="keys > values", source="Qiu", model="kvlab/world", partly=None, ci=[-0.05, 0.09], n=3)
+    course.write_index([], tmp_path, "kvlab/world", [row])
+    page = (tmp_path / "index.html").read_text()
+    assert "0.02 [-0.05, 0.09] (n=3)" in page
