@@ -243,15 +243,19 @@ def mean_ci(values: Sequence[float]) -> Interval:
 
 def bootstrap(values: Sequence[float], stat: Callable[[list[float]], float] = statistics.fmean,
               n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
-    """Percentile bootstrap interval of ``stat`` over ``values`` (n items resampled with replacement)."""
-    xs = [float(v) for v in values]
+    """Percentile bootstrap interval of ``stat`` over ``values`` (n items resampled with replacement).
+
+    ``values`` may be any items when ``stat`` takes a list of them, e.g. per-record metric rows with
+    ``stat=lambda rows: summarize(rows)["S"]``, or record indices for a paired difference of two methods.
+    """
+    xs = [float(v) for v in values] if stat is statistics.fmean else list(values)
     if not xs:
         raise ValueError("bootstrap: no values")
     rng = random.Random(seed)
     boots = sorted(stat(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
     a = (1 - level) / 2
     lo, hi = boots[int(a * (n_boot - 1))], boots[int(round((1 - a) * (n_boot - 1)))]
-    return Interval(stat(xs), lo, hi, len(xs), level, "bootstrap")
+    return Interval(float(stat(xs)), float(lo), float(hi), len(xs), level, "bootstrap")
 
 
 def diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, level: float = 0.95,

@@ -137,3 +137,15 @@ def test_claim_with_interval_and_summary_from_recorded_claims(tmp_path, monkeypa
     assert "t.a" not in text                                   # only this notebook's claims
     with pytest.raises(KeyError, match="no claim 'u.zzz'"):
         checks.get("u.zzz")
+
+
+def test_paper_curves_map_onto_layers_with_citations():
+    from kvlab import reference
+    pts = reference.at_layers("geva.removal_last", 6, scale=100)
+    assert pts == [(0.0, 67.5), (5.0, 20.0)]
+    assert reference.at_layers("rome.hidden_aie_subject", 48)[0][0] == pytest.approx(15)
+    assert "Geva et al. 2021" in reference.curve_label("geva.agreement")
+    with pytest.raises(ValueError, match="no paper curve 'nope'"):
+        reference.at_layers("nope", 6)
+    iv = checks.bootstrap(list(range(10)), stat=lambda idx: sum(idx) / len(idx))   # any items with a stat
+    assert iv.value == 4.5 and iv.lo < 4.5 < iv.hi
