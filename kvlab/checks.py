@@ -258,6 +258,19 @@ def bootstrap(values: Sequence[float], stat: Callable[[list[float]], float] = st
     return Interval(float(stat(xs)), float(lo), float(hi), len(xs), level, "bootstrap")
 
 
+def ratio_ci(num, den, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Bootstrap interval of a ratio of sums Σ num / Σ den over n items (resampled together; vectorised)."""
+    num, den = torch.as_tensor(num, dtype=torch.float64).flatten(), torch.as_tensor(den, dtype=torch.float64).flatten()
+    if num.numel() == 0 or num.shape != den.shape:
+        raise ValueError(f"ratio_ci: need two equally long non-empty samples, got {num.numel()} and {den.numel()}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(num.numel(), (n_boot, num.numel()), generator=g)             # (n_boot, n)
+    boots = (num[idx].sum(1) / den[idx].sum(1)).sort().values                        # (n_boot,)
+    q = (1 - level) / 2
+    return Interval(float(num.sum() / den.sum()), float(boots[int(q * (n_boot - 1))]),
+                    float(boots[int(round((1 - q) * (n_boot - 1)))]), num.numel(), level, "bootstrap")
+
+
 def diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, level: float = 0.95,
             seed: int = 0) -> Interval:
     """Bootstrap interval of mean(a) − mean(b) for two independent samples (items or seeds)."""
@@ -312,7 +325,7 @@ def trend(what: str, values: Sequence, at: Sequence | None = None, where: str = 
     k = max(range(len(vals)), key=lambda i: _value(vals[i]))
     if 0 < k < len(vals) - 1:
         s += f" (peak {scale * _value(vals[k]):.{digits}f}{unit} at {where} {at[k]})"
-    return s
+    return s[:1].upper() + s[1:]
 
 
 def compare(what: str, a_name: str, a, b_name: str, b, scale: float = 100.0, unit: str = "%",
@@ -320,6 +333,7 @@ def compare(what: str, a_name: str, a, b_name: str, b, scale: float = 100.0, uni
     """One sentence comparing two measured values (numbers or :class:`Interval`): which is ``higher``, and
     whether their confidence intervals overlap (then the difference is not clear)."""
     va, vb = _value(a), _value(b)
+    what = what[:1].upper() + what[1:]
     nums = f"{a_name} {_num(a, scale, unit, digits)}, {b_name} {_num(b, scale, unit, digits)}"
     if va == vb:
         return f"{what}: {nums} — equal"

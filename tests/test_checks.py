@@ -107,7 +107,7 @@ def test_mean_ci_uses_students_t_and_bootstrap_covers_the_mean():
 
 def test_trend_and_compare_write_what_the_numbers_say():
     s = checks.trend("value agreement", [0.126, 0.13, 0.08, 0.041], [2, 3, 4, 5])
-    assert s == "value agreement falls from 12.6% at layer 2 to 4.1% at layer 5 (peak 13.0% at layer 3)"
+    assert s == "Value agreement falls from 12.6% at layer 2 to 4.1% at layer 5 (peak 13.0% at layer 3)"
     assert "rises from 71.0% at layer 0 to 87.0% at layer 5" in checks.trend("drop", [0.71, 0.8, 0.87], [0, 3, 5])
     assert "stays at about" in checks.trend("x", [0.5, 0.51], flat=0.02)
     noisy = checks.trend("x", [checks.wilson(5, 40), checks.wilson(7, 40)], [0, 5])
@@ -149,3 +149,15 @@ def test_paper_curves_map_onto_layers_with_citations():
         reference.at_layers("nope", 6)
     iv = checks.bootstrap(list(range(10)), stat=lambda idx: sum(idx) / len(idx))   # any items with a stat
     assert iv.value == 4.5 and iv.lo < 4.5 < iv.hi
+
+
+def test_ratio_ci_of_sums():
+    num, den = torch.tensor([1.0, 2.0, 3.0, 4.0] * 10), torch.tensor([2.0, 4.0, 6.0, 8.0] * 10)
+    iv = checks.ratio_ci(num, den)
+    assert (iv.value, iv.lo, iv.hi, iv.n) == (0.5, 0.5, 0.5, 40)                    # every resample gives 1/2
+    g = torch.Generator().manual_seed(0)
+    den = torch.rand(200, generator=g) + 0.5
+    iv = checks.ratio_ci(den * (0.3 + 0.1 * torch.randn(200, generator=g)), den)
+    assert iv.lo < iv.value < iv.hi and iv.lo < 0.3 < iv.hi
+    with pytest.raises(ValueError, match="equally long"):
+        checks.ratio_ci([1.0], [1.0, 2.0])
