@@ -107,8 +107,7 @@ def lines(series: dict[str, Sequence[float]], x: Sequence | None = None, ax=None
         ax.plot(xs, ys, marker=marker, label=name, color=method_color(name))
         if name in bands:
             lo, hi = (_np(b).astype(float) for b in bands[name])
-            ax.fill_between(xs, lo, hi, alpha=0.2, color=ax.lines[-1].get_color(), lw=0,
-                            label=f"{name}: 95% CI")
+            ax.fill_between(xs, lo, hi, alpha=0.2, color=ax.lines[-1].get_color(), lw=0, label="_band")
     for name, y in (reference or {}).items():
         ax.axhline(y, ls="--", lw=1, color=method_color(name) or "gray", label=name)
     for name, pts in (paper or {}).items():

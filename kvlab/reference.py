@@ -80,6 +80,16 @@ PAPER: dict[str, tuple[float | str, str]] = {
 }
 
 
+# Whole tables, as the papers print them: name -> (rows, citation).
+TABLES: dict[str, tuple[dict, str]] = {
+    # method -> (S, ES, PS, NS), ×100, 2,000+ CounterFact rewrites on GPT-2 XL
+    "rome.counterfact": ({"unedited": (30.5, 22.2, 24.7, 78.1), "FT": (65.1, 100.0, 87.9, 40.4),
+                          "FT+L": (66.9, 99.1, 48.7, 70.3), "KN": (35.6, 28.7, 28.0, 72.9),
+                          "ROME": (89.2, 100.0, 96.4, 75.4)},
+                         "Meng et al. 2022 (ROME), Table 4: CounterFact, GPT-2 XL"),
+}
+
+
 # A paper's numbers at the depth where it measured them, for drawing beside our per-layer curves: (relative depth,
 # value) with relative depth = (layer − 1) / (n_layers − 1) for the paper's 1-based layers (0: first layer,
 # 1: last). Only numbers the papers state; :func:`at_layers` maps them onto a model's layers.
@@ -108,8 +118,8 @@ def at_layers(key: str, n_layers: int, scale: float = 1.0) -> list[tuple[float, 
 
 
 def curve_label(key: str) -> str:
-    """The legend label of a paper curve: its citation."""
-    return "paper: " + CURVES[key][1]
+    """The legend label of a paper curve: "paper (<authors, year>)" (the full citation is in :data:`CURVES`)."""
+    return f"paper ({CURVES[key][1].split(':')[0]})"
 
 
 def paper(key: str) -> tuple[float | str, str]:

@@ -144,7 +144,7 @@ def test_paper_curves_map_onto_layers_with_citations():
     pts = reference.at_layers("geva.removal_last", 6, scale=100)
     assert pts == [(0.0, 67.5), (5.0, 20.0)]
     assert reference.at_layers("rome.hidden_aie_subject", 48)[0][0] == pytest.approx(15)
-    assert "Geva et al. 2021" in reference.curve_label("geva.agreement")
+    assert reference.curve_label("geva.agreement") == "paper (Geva et al. 2021)"
     with pytest.raises(ValueError, match="no paper curve 'nope'"):
         reference.at_layers("nope", 6)
     iv = checks.bootstrap(list(range(10)), stat=lambda idx: sum(idx) / len(idx))   # any items with a stat
@@ -161,3 +161,12 @@ def test_ratio_ci_of_sums():
     assert iv.lo < iv.value < iv.hi and iv.lo < 0.3 < iv.hi
     with pytest.raises(ValueError, match="equally long"):
         checks.ratio_ci([1.0], [1.0, 2.0])
+
+
+def test_reference_table_agrees_with_the_single_numbers():
+    from kvlab.reference import PAPER, TABLES
+    rows, source = TABLES["rome.counterfact"]
+    assert "Table 4" in source
+    assert rows["ROME"] == (PAPER["rome.cf.s"][0], PAPER["rome.cf.es"][0], PAPER["rome.cf.ps"][0], PAPER["rome.cf.ns"][0])
+    assert rows["KN"][0] == PAPER["rome.cf.kn_s"][0] and rows["FT"][3] == PAPER["rome.cf.ft_ns"][0]
+    assert rows["unedited"][0] == PAPER["rome.cf.unedited"][0] and rows["unedited"][3] == PAPER["rome.cf.unedited_ns"][0]
