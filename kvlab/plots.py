@@ -78,7 +78,9 @@ def heatmap(values, row_labels: Sequence[str] | None = None, col_labels: Sequenc
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    cb = ax.figure.colorbar(im, ax=ax)
+    finite = v[~missing]
+    over = vmax is not None and finite.size and finite.max() > vmax
+    cb = ax.figure.colorbar(im, ax=ax, extend="max" if over else "neither")
     cb.set_label(colorbar)
     return ax
 
@@ -227,6 +229,21 @@ def stacked_bars(groups: dict[str, dict[str, float]], ax=None, title: str = "", 
 
 
 # --- causal tracing (kvlab.tracing) ------------------------------------------------------
+
+def shared_vmax(grids, skip_last_row: bool = True) -> float:
+    """One colour-scale maximum for heatmap panels that are compared: the largest finite value over all
+    ``grids`` (tensors or arrays, rows × columns), leaving out their last row when ``skip_last_row`` (causal
+    tracing: the last token's top layers carry the whole effect by construction and would wash out every other
+    cell; they saturate instead, and the colour bar says so)."""
+    vals = []
+    for g in grids:
+        a = _np(g).astype(float)
+        a = a[:-1] if skip_last_row and a.shape[0] > 1 else a
+        a = a[np.isfinite(a)]
+        if a.size:
+            vals.append(a.max())
+    return max(max(vals, default=0.0), 1e-9)
+
 TRACE_CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TRACE_NAMES = {"hidden": "single restored layer (hidden state)", "mlp": "restored MLP", "attn": "restored attention"}
 

@@ -54,3 +54,13 @@ def test_bars_name_their_x_axis_and_draw_chance():
     ax = plots.bars([3.0, 2.0], ["17", "4"], xlabel="neuron i", chance=1.0)
     assert ax.get_xlabel() == "neuron i"
     assert any(l.get_label() == "chance" for l in ax.lines)
+
+
+def test_shared_scale_leaves_out_the_last_row_and_says_it_saturates():
+    import torch
+    a = torch.tensor([[0.1, 0.2], [float("nan"), float("nan")], [0.3, 0.9]])   # last row: the last token
+    b = torch.tensor([[0.25, 0.0], [0.0, 0.0], [0.8, 0.8]])
+    assert plots.shared_vmax([a, b]) == pytest.approx(0.25)
+    assert plots.shared_vmax([a, b], skip_last_row=False) == pytest.approx(0.9)
+    ax = plots.heatmap(a, vmin=0, vmax=plots.shared_vmax([a, b]))
+    assert ax.images[0].colorbar.extend == "max"
