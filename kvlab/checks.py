@@ -196,7 +196,8 @@ class Interval:
     def fmt(self, scale: float = 1.0, unit: str = "", digits: int = 1) -> str:
         """``'41.2% (95% CI 30.1–52.8%, n=40)'`` with ``scale=100, unit='%'``."""
         f = lambda x: f"{scale * x:.{digits}f}"  # noqa: E731
-        return f"{f(self.value)}{unit} ({100 * self.level:.0f}% CI {f(self.lo)}–{f(self.hi)}{unit}, n={self.n})"
+        sep = " to " if min(self.lo, self.hi) * scale < 0 else "–"      # "-39.0 to -27.8", not "-39.0–-27.8"
+        return f"{f(self.value)}{unit} ({100 * self.level:.0f}% CI {f(self.lo)}{sep}{f(self.hi)}{unit}, n={self.n})"
 
     def __str__(self) -> str:
         return self.fmt(digits=3)
