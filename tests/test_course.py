@@ -207,3 +207,21 @@ def test_scorecard_shows_intervals(tmp_path):
     course.write_index([], tmp_path, "kvlab/world", [row])
     page = (tmp_path / "index.html").read_text()
     assert "0.02 [-0.05, 0.09] (n=3)" in page
+
+
+def test_load_shows_no_loading_bar_and_restores_the_setting(capfd):
+    """No frozen "Loading weights 0%" bar in executed notebooks: kvlab.load turns transformers' bar off while
+    loading and restores the caller's setting."""
+    import kvlab
+    from transformers.utils import logging as hf_logging
+    hf_logging.enable_progress_bar()
+    kvlab.load()
+    err = capfd.readouterr().err
+    assert "Loading" not in err and "%|" not in err
+    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        kvlab.load()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
