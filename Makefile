@@ -21,7 +21,7 @@ WHEELHOUSE ?= wheelhouse
 PIP    := python -m pip install -q --disable-pip-version-check \
           $(if $(OFFLINE),--no-index --find-links $(abspath $(WHEELHOUSE)))
 export HF_HUB_OFFLINE ?= 1
-export MPLBACKEND ?= Agg
+export MPLBACKEND ?= module://matplotlib_inline.backend_inline
 
 .PHONY: setup test course course-lowp course-check compat compat-floor compat-newest lock clean lab wheelhouse
 

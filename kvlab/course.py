@@ -3,7 +3,7 @@
     python -m kvlab.course run                      # all notebooks, built-in model
     python -m kvlab.course run --only 05 07         # a subset, by number
     python -m kvlab.course run --model gpt2-xl --device cuda -p N_FACTS 1000
-    python -m kvlab.course list | check | clear
+    python -m kvlab.course list | check | clear | sync
 
 Executed notebooks, their HTML renderings, ``index.html`` and ``times.json`` go to
 ``build/course/``. A failing notebook is reported with the failing cell's number, the
@@ -17,6 +17,7 @@ import html
 import keyword
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 BUILD = REPO / "build" / "course"
+# The course's address, in this one place: the index links, the notebooks' Colab badges and the setup cell's
+# clone command are written from it (``python -m kvlab.course sync``; ``check`` and the tests fail on a copy
+# that differs).
+REPO_URL = "https://github.com/kvlab/kvlab"
 COLAB = "https://colab.research.google.com/github/kvlab/kvlab/blob/main/notebooks/{name}"
+BADGE = "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+CLONE = '    subprocess.run(["git", "clone", "-q", "{url}", "/content/kvlab"], check=True)'
+# The kernels draw with the inline backend, so every plt.show() becomes an image output of the executed
+# notebook (and of its HTML); a headless backend such as Agg would drop every figure.
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
 @dataclass
@@ -36,6 +46,7 @@ class NotebookRun:
     error: str = ""
     cell: int | None = None
     parameters: dict = field(default_factory=dict)
+    figures: int = 0          # image outputs of the executed notebook (saved under figures/)
 
 
 def notebooks(only: list[str] | None = None, folder: Path = NOTEBOOKS) -> list[Path]:
@@ -157,6 +168,8 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, progress: bool = T
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
     t0 = time.perf_counter()
+    backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = INLINE_BACKEND      # the kernel inherits it: figures become image outputs
     try:
         with tempfile.TemporaryDirectory() as tmp:   # the exercises solved: a copy, run where the notebook is
             src = with_solutions(path, Path(tmp) / path.name) if solutions else path
@@ -166,7 +179,35 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, progress: bool = T
     except Exception as exc:  # papermill raises PapermillExecutionError for cell errors
         ok = False
         error, cell = _failure(exc, out if out.exists() else path)
+    finally:
+        if backend is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = backend
     return NotebookRun(path.name, time.perf_counter() - t0, ok, error, cell, parameters)
+
+
+def save_figures(executed: Path, folder: Path) -> list[Path]:
+    """Write every PNG output of an executed notebook to ``folder/<notebook>/cell<NN>_<k>.png``; returns the files
+    (none when the kernels drew no figure, e.g. under a headless backend)."""
+    import base64
+
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    target = folder / executed.stem
+    if target.exists():
+        for old in target.glob("*.png"):
+            old.unlink()
+    files = []
+    for i, cell in enumerate(nb.cells):
+        pngs = [o["data"]["image/png"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+        for k, data in enumerate(pngs):
+            target.mkdir(parents=True, exist_ok=True)
+            path = target / f"cell{i:02d}_{k}.png"
+            path.write_bytes(base64.b64decode(data))
+            files.append(path)
+    return files
 
 
 def to_html(executed: Path) -> Path:
@@ -188,19 +229,26 @@ def collect_claims(out_dir: Path) -> list[dict]:
     return claims
 
 
+def _ours(c: dict) -> str:
+    """Our number, with its 95% interval and sample size where the notebook gave them."""
+    ci = c.get("ci")
+    n = c.get("n")
+    return f"{c['ours']:.4g}" + ("" if not ci else f" [{ci[0]:.3g}, {ci[1]:.3g}]") + ("" if n is None else f" (n={n})")
+
+
 def _scorecard(claims: list[dict]) -> str:
     if not claims:
         return "<p>No claims recorded.</p>"
     colour = {"reproduced": "#d7f0d7", "partly reproduced": "#fbeec2", "not reproduced": "#f6d4d4"}
     rows = "".join(
         f"<tr style='background:{colour.get(c['verdict'], '#fff')}'><td>{html.escape(c['key'])}</td>"
-        f"<td>{html.escape(c['text'])}</td><td>{html.escape(str(c['paper']))}</td><td>{c['ours']:.4g}</td>"
+        f"<td>{html.escape(c['text'])}</td><td>{html.escape(str(c['paper']))}</td><td>{_ours(c)}</td>"
         f"<td>{html.escape(c['expect'])}</td><td>{html.escape(c['verdict'])}</td>"
         f"<td>{html.escape(c['source'])}</td></tr>" for c in claims)
     counts = ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}" for v in colour)
     return (f"<h2>Reproduction scorecard</h2><p>{len(claims)} claims: {counts} "
             f"(<a href='claims.json'>claims.json</a>).</p><table><tr><th>claim</th><th></th><th>paper</th>"
-            f"<th>ours</th><th>criterion</th><th>verdict</th><th>source</th></tr>{rows}</table>")
+            f"<th>ours [95% CI] (n)</th><th>criterion</th><th>verdict</th><th>source</th></tr>{rows}</table>")
 
 
 def write_index(runs: list[NotebookRun], out_dir: Path, model: str, claims: list[dict] | None = None) -> Path:
@@ -210,14 +258,14 @@ def write_index(runs: list[NotebookRun], out_dir: Path, model: str, claims: list
         status = "ok" if r.ok else f"FAILED: {html.escape(r.error.splitlines()[0])}"
         link = Path(r.name).with_suffix(".html").name
         rows.append(f"<tr><td><a href='{link}'>{html.escape(r.name)}</a></td><td>{r.seconds:.1f}</td>"
-                    f"<td>{status}</td><td><a href='{COLAB.format(name=r.name)}'>Colab</a></td></tr>")
+                    f"<td>{r.figures}</td><td>{status}</td><td><a href='{COLAB.format(name=r.name)}'>Colab</a></td></tr>")
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>kvlab course</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}td,th{{padding:4px 12px;text-align:left}}
 tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
 <h1>kvlab: feed-forward layers as key-value memories</h1>
 <p>Executed {time.strftime('%Y-%m-%d %H:%M')} on model <code>{html.escape(model)}</code>;
 total {total:.0f} s ({total / 60:.1f} min).</p>
-<table><tr><th>notebook</th><th>seconds</th><th>status</th><th></th></tr>{''.join(rows)}</table>
+<table><tr><th>notebook</th><th>seconds</th><th>figures</th><th>status</th><th></th></tr>{''.join(rows)}</table>
 {_scorecard(claims or [])}
 </body></html>"""
     index = out_dir / "index.html"
@@ -232,7 +280,6 @@ def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict
 
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if model == "kvlab/world" else os.environ.get("HF_HUB_OFFLINE", "0"))
-    os.environ.setdefault("MPLBACKEND", "Agg")
     paths = notebooks(only)
     claims_log = out_dir / "claims.jsonl"
     claims_log.unlink(missing_ok=True)
@@ -244,12 +291,13 @@ def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict
         bar.set_postfix_str(path.name)
         r = run_notebook(path, out_dir, per_notebook[path], progress=progress, solutions=solutions)
         runs.append(r)
-        status = "ok" if r.ok else "FAILED"
-        tqdm.write(f"{status:6s} {r.seconds:7.1f} s  {path.name}")
+        if (out_dir / path.name).exists():
+            r.figures = len(save_figures(out_dir / path.name, out_dir / "figures"))
+            if html_out:
+                to_html(out_dir / path.name)
+        tqdm.write(f"{'ok' if r.ok else 'FAILED':6s} {r.seconds:7.1f} s  {r.figures:3d} figures  {path.name}")
         if not r.ok:
             tqdm.write(f"       {r.error}".replace("\n", "\n       "))
-        if html_out and (out_dir / path.name).exists():
-            to_html(out_dir / path.name)
     (out_dir / "times.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
     claims = collect_claims(out_dir)
     write_index(runs, out_dir, model, claims)
@@ -261,12 +309,67 @@ def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict
     return runs
 
 
+_BADGE_RE = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)")
+_CLONE_RE = re.compile(r'^ *subprocess\.run\(\["git", "clone".*$', re.M)
+
+
+def _addresses(nb, name: str) -> tuple[str, str]:
+    """A notebook's first markdown cell and setup cell with the Colab badge and the clone command written from
+    :data:`COLAB` and :data:`REPO_URL` (the source unchanged where it has neither)."""
+    badge = BADGE.format(url=COLAB.format(name=name))
+    clone = CLONE.format(url=REPO_URL)
+    md = next((c for c in nb.cells if c.cell_type == "markdown"), None)
+    setup = next((c for c in nb.cells if c.cell_type == "code" and '"git", "clone"' in c.source), None)
+    return (_BADGE_RE.sub(lambda _: badge, md.source) if md is not None else "",
+            _CLONE_RE.sub(lambda _: clone, setup.source) if setup is not None else "")
+
+
+def address_problems(path: Path) -> list[str]:
+    """Where a notebook's Colab badge or clone command is missing or differs from :data:`COLAB` /
+    :data:`REPO_URL`."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    md = next((c for c in nb.cells if c.cell_type == "markdown"), None)
+    setup = next((c for c in nb.cells if c.cell_type == "code" and '"git", "clone"' in c.source), None)
+    problems = []
+    if md is None or BADGE.format(url=COLAB.format(name=path.name)) not in md.source:
+        problems.append(f"{path.name}: the first markdown cell has no Colab badge for COLAB "
+                        f"(run: python -m kvlab.course sync)")
+    if setup is None or CLONE.format(url=REPO_URL) not in setup.source.splitlines():
+        problems.append(f"{path.name}: the setup cell does not clone REPO_URL (run: python -m kvlab.course sync)")
+    return problems
+
+
+def sync(folder: Path = NOTEBOOKS) -> list[Path]:
+    """Rewrite every notebook's Colab badge and clone command from :data:`COLAB` and :data:`REPO_URL`;
+    returns the notebooks that changed."""
+    import nbformat
+
+    changed = []
+    for p in notebooks(folder=folder):
+        nb = nbformat.read(p, as_version=4)
+        md_src, setup_src = _addresses(nb, p.name)
+        md = next((c for c in nb.cells if c.cell_type == "markdown"), None)
+        setup = next((c for c in nb.cells if c.cell_type == "code" and '"git", "clone"' in c.source), None)
+        if md is not None and md_src != md.source or setup is not None and setup_src != setup.source:
+            if md is not None:
+                md.source = md_src
+            if setup is not None:
+                setup.source = setup_src
+            nbformat.write(nb, p)
+            changed.append(p)
+    return changed
+
+
 def check(folder: Path = NOTEBOOKS) -> list[str]:
-    """Problems with the committed notebooks: outputs not cleared, no single parameters cell."""
+    """Problems with the committed notebooks: outputs not cleared, no single parameters cell, a Colab badge or
+    clone address that is not the one of :data:`COLAB` / :data:`REPO_URL`."""
     import nbformat
 
     problems = []
     for p in notebooks(folder=folder):
+        problems += address_problems(p)
         nb = nbformat.read(p, as_version=4)
         tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         if len(tagged) != 1:
@@ -309,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the notebooks")
     sub.add_parser("check", help="verify notebooks are cleared and have one parameters cell")
     sub.add_parser("clear", help="clear all notebook outputs in place")
+    sub.add_parser("sync", help="write every notebook's Colab badge and clone address from kvlab.course")
     a = ap.parse_args(argv)
     if a.cmd == "list":
         for p in notebooks():
@@ -320,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if problems else 0
     if a.cmd == "clear":
         clear()
+        return 0
+    if a.cmd == "sync":
+        print("\n".join(f"updated {p.name}" for p in sync()) or "all notebooks up to date")
         return 0
     extra = {k: _coerce(v) for k, v in a.parameter}
     runs = run(a.only, a.model, a.device, extra, a.out, not a.no_html, not a.quiet, a.solutions)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -70,6 +71,21 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+@contextmanager
+def quiet_loading():
+    """transformers' "Loading weights" progress bar off inside the block, restored after: a bar that a
+    notebook's HTML and a log both freeze at 0% says nothing for a load that takes a second."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
          dtype: str | torch.dtype | None = None, device_map: str | dict | None = None) -> Loaded:
     """Load a causal LM, its tokenizer and its :class:`~kvlab.arch.Adapter`.
@@ -90,7 +106,8 @@ def load(name_or_path: str | os.PathLike | None = None, device: str | torch.devi
     try:
         tok = AutoTokenizer.from_pretrained(source)
         extra = {} if device_map is None else {"device_map": device_map}
-        model = AutoModelForCausalLM.from_pretrained(source, **dtype_kwarg(dt), **extra)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(source, **dtype_kwarg(dt), **extra)
     except (OSError, ValueError) as e:
         raise OSError(
             f"could not load {str(name_or_path)!r} from {str(source)!r}. If this is a hub id, this machine "

@@ -80,6 +80,48 @@ PAPER: dict[str, tuple[float | str, str]] = {
 }
 
 
+# Whole tables, as the papers print them: name -> (rows, citation).
+TABLES: dict[str, tuple[dict, str]] = {
+    # method -> (S, ES, PS, NS), ×100, 2,000+ CounterFact rewrites on GPT-2 XL
+    "rome.counterfact": ({"unedited": (30.5, 22.2, 24.7, 78.1), "FT": (65.1, 100.0, 87.9, 40.4),
+                          "FT+L": (66.9, 99.1, 48.7, 70.3), "KN": (35.6, 28.7, 28.0, 72.9),
+                          "ROME": (89.2, 100.0, 96.4, 75.4)},
+                         "Meng et al. 2022 (ROME), Table 4: CounterFact, GPT-2 XL"),
+}
+
+
+# A paper's numbers at the depth where it measured them, for drawing beside our per-layer curves: (relative depth,
+# value) with relative depth = (layer − 1) / (n_layers − 1) for the paper's 1-based layers (0: first layer,
+# 1: last). Only numbers the papers state; :func:`at_layers` maps them onto a model's layers.
+CURVES: dict[str, tuple[list[tuple[float, float]], str]] = {
+    "geva.removal_last": ([(0.0, 0.675), (1.0, 0.20)],
+                          f"{GEVA21}: removing the last token, layer 1 (65–70%) and layer 16 (~20%) of 16"),
+    "geva.agreement": ([(0.0, 0.0), (9 / 15, 0.0), (1.0, 0.035)],
+                       f"{GEVA21}: value agreement ~0% in layers 1–10, ~3.5% in the upper layers (drawn at 16) of 16"),
+    "geva.residual": ([(0.0, 0.33), (1.0, 0.95)],
+                      f"{GEVA21}: residual = final prediction, ~1/3 in the low layers (drawn at 1), ~95% at the top"),
+    "rome.hidden_aie_subject": ([(15 / 47, 0.087)], f"{ROME}: hidden AIE peak at the last subject token, layer 15 of 48"),
+    "rome.mlp_aie_subject": ([(17 / 47, 0.066)], f"{ROME}: MLP AIE peak at the last subject token, ~layer 17 of 48"),
+}
+
+
+def at_layers(key: str, n_layers: int, scale: float = 1.0) -> list[tuple[float, float]]:
+    """The points of :data:`CURVES` ``[key]`` at a model's layers (0-based, fractional where the depth falls
+    between two), values × ``scale``."""
+    try:
+        pts, _ = CURVES[key]
+    except KeyError:
+        raise ValueError(f"no paper curve {key!r}; known: {', '.join(sorted(CURVES))}") from None
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    return [(d * (n_layers - 1), scale * v) for d, v in pts]
+
+
+def curve_label(key: str) -> str:
+    """The legend label of a paper curve: "paper (<authors, year>)" (the full citation is in :data:`CURVES`)."""
+    return f"paper ({CURVES[key][1].split(':')[0]})"
+
+
 def paper(key: str) -> tuple[float | str, str]:
     """(the paper's number, its citation) for ``key``; a clear error for an unknown key."""
     try:

@@ -360,7 +360,8 @@ def token_removal(model, tok, index: TriggerIndex, layer: int, keys: list[int] |
     first ≈ 10–15%, random ≈ 15–20%.
 
     Returns ``{"first", "last", "random"}`` -> drop in percent, ``"n"`` prefixes used, and
-    ``"drops"`` -> {variant: (n,) tensor of per-prefix relative drops (m_full − m_removed) / m_full}.
+    ``"drops"`` -> {variant: (n,) tensor of per-prefix relative drops (m_full − m_removed) / m_full},
+    ``"full"`` -> (n,) m_full of those prefixes (so Σ drops·full / Σ full is the reported drop).
     """
     layer = index.check_layer(layer)
     d_ff = index.values[layer].shape[0]
@@ -396,6 +397,7 @@ def token_removal(model, tok, index: TriggerIndex, layer: int, keys: list[int] |
            for c, name in ((1, "first"), (2, "last"), (3, "random"))}
     res["n"] = int(ok.sum())
     res["drops"] = drops
+    res["full"] = full[ok]                  # (n,) m_full of the prefixes behind the drops (ratio-of-sums weights)
     return res
 
 

@@ -140,3 +140,88 @@ def test_every_notebook_takes_a_dtype():
         source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
         assert "dtype=DTYPE" in source, f"{path.name}: pass dtype=DTYPE to kvlab.load"
         assert "REFERENCE.md" not in source and "../shared" not in source, path.name
+
+
+def test_executed_notebook_carries_its_figures(tmp_path, monkeypatch):
+    """Under the course runner a plt.show() is an image output of the executed notebook, whatever backend the
+    caller's shell exports (Agg would drop it), and save_figures writes it as a PNG."""
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    src = tmp_path / "nbs"
+    src.mkdir()
+    params = nbformat.v4.new_code_cell("MODEL = 'x'")
+    params.metadata["tags"] = ["parameters"]
+    plot = nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()")
+    _nb(src / "01_plot.ipynb", [params, plot])
+    out = tmp_path / "out"
+    r = course.run_notebook(src / "01_plot.ipynb", out, {"MODEL": "kvlab/world"}, progress=False)
+    assert r.ok, r.error
+    import os
+    assert os.environ["MPLBACKEND"] == "Agg"                 # the caller's setting is restored
+    nb = nbformat.read(out / "01_plot.ipynb", as_version=4)
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 1
+    files = course.save_figures(out / "01_plot.ipynb", out / "figures")
+    assert len(files) == 1 and files[0].read_bytes()[:4] == b"\x89PNG"        # papermill adds a cell: index varies
+    html = course.to_html(out / "01_plot.ipynb").read_text()
+    assert "data:image/png;base64" in html
+
+
+def test_colab_address_in_one_place(tmp_path, monkeypatch):
+    """Every committed notebook's badge and clone command come from course.COLAB / REPO_URL; sync rewrites a
+    stale copy and check reports it."""
+    for p in course.notebooks():
+        assert course.address_problems(p) == [], p.name
+    import shutil
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    shutil.copy(course.notebooks(["01"])[0], folder)
+    monkeypatch.setattr(course, "REPO_URL", "https://example.org/fork/kvlab")
+    monkeypatch.setattr(course, "COLAB", "https://colab.example.org/fork/{name}")
+    path = next(folder.glob("*.ipynb"))
+    assert len(course.address_problems(path)) == 2 and any("sync" in p for p in course.check(folder))
+    assert course.sync(folder) == [path] and course.address_problems(path) == []
+    text = path.read_text()
+    assert "https://example.org/fork/kvlab" in text and "colab.example.org/fork/" + path.name in text
+    assert "github.com/kvlab/kvlab" not in text
+
+
+def test_no_doc_refers_to_a_file_outside_the_repository():
+    """README, CONTRIBUTING and the notebooks name no file the repository does not hold (REFERENCE.md lived
+    outside it; ../shared is a workspace folder)."""
+    import re
+    docs = [course.REPO / "README.md", course.REPO / "CONTRIBUTING.md", *course.notebooks()]
+    for path in docs:
+        text = path.read_text(encoding="utf-8")
+        assert "REFERENCE.md" not in text, path.name
+        assert not re.search(r"\.\./(shared|work)|/work/", text), path.name
+        # every relative markdown link must point at a file of the repository
+        if path.suffix == ".ipynb":
+            text = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+        for target in re.findall(r"\]\(((?!https?:|#|mailto:)[^)\s]+)\)", text):
+            assert (path.parent / target.split("#")[0]).exists(), f"{path.name} links to missing {target}"
+
+
+def test_scorecard_shows_intervals(tmp_path):
+    row = dict(key="08.keys_beat_values", text="keys beat values", ours=0.02, expect="> 0", verdict="reproduced",
+               paper="keys > values", source="Qiu", model="kvlab/world", partly=None, ci=[-0.05, 0.09], n=3)
+    course.write_index([], tmp_path, "kvlab/world", [row])
+    page = (tmp_path / "index.html").read_text()
+    assert "0.02 [-0.05, 0.09] (n=3)" in page
+
+
+def test_load_shows_no_loading_bar_and_restores_the_setting(capfd):
+    """No frozen "Loading weights 0%" bar in executed notebooks: kvlab.load turns transformers' bar off while
+    loading and restores the caller's setting."""
+    import kvlab
+    from transformers.utils import logging as hf_logging
+    hf_logging.enable_progress_bar()
+    kvlab.load()
+    err = capfd.readouterr().err
+    assert "Loading" not in err and "%|" not in err
+    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        kvlab.load()
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()

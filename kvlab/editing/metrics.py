@@ -200,7 +200,7 @@ def evaluate_edits(model, tok, records: list[dict], editor: Callable[..., Weight
                    token_accuracy: bool = False, **editor_kw) -> dict:
     """Apply ``editor(model, tok, request, **editor_kw)`` for each record, score that record, undo.
 
-    Returns the averaged metrics plus ``params`` (mean parameters the editor may change),
+    Returns the averaged metrics plus ``records`` (the per-record scores they average), ``params`` (mean parameters the editor may change),
     ``seconds`` (mean wall time per edit) and ``skipped`` (requests the editor rejected with a
     ValueError, e.g. because the model already predicts the new target). An option the editor
     does not take raises before any edit; if every request is rejected, the error gives the reasons.
@@ -232,6 +232,7 @@ def evaluate_edits(model, tok, records: list[dict], editor: Callable[..., Weight
     skipped = sum(reasons.values())
     res = summarize(rows)
     res.update(params=sum(params) / len(params), seconds=sum(secs) / len(secs), skipped=skipped)
+    res["records"] = rows                 # per-record scores (ES/PS/NS ×100), for intervals over records
     return res
 
 
