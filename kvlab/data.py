@@ -297,6 +297,17 @@ def _text_file(path: Path, n: int) -> list[str]:
     return out
 
 
+def corpus_name(source: str | Path = "auto", model=None) -> str | Path:
+    """What a ``CORPUS`` parameter stands for: "auto" resolved to "world" (built-in model) or "wikitext"."""
+    from .loading import is_builtin
+
+    if source == "auto":
+        if model is None:
+            raise ValueError("corpus source 'auto' needs the model: load_corpus('auto', model=model)")
+        return "world" if is_builtin(model) else "wikitext"
+    return source
+
+
 def load_corpus(source: str | Path = "auto", model=None, n: int = 2000, seed: int = 0) -> list[str]:
     """Up to ``n`` texts for corpus statistics (a notebook's ``CORPUS`` parameter).
 
@@ -305,14 +316,9 @@ def load_corpus(source: str | Path = "auto", model=None, n: int = 2000, seed: in
     (``wikitext-103-raw-v1``, as in ROME's ``layer_stats``), through the optional ``datasets`` package
     and the hub; or a path to a ``.txt`` (one text per line) or ``.jsonl`` file.
     """
-    from .loading import is_builtin
-
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    if source == "auto":
-        if model is None:
-            raise ValueError("corpus source 'auto' needs the model: load_corpus('auto', model=model)")
-        source = "world" if is_builtin(model) else "wikitext"
+    source = corpus_name(source, model)
     if source == "world":
         from .world import corpus_texts
         return corpus_texts(n=n, seed=seed)

@@ -12,7 +12,8 @@ and no GPU. A stand-in reproduces what those bring that the built-in world model
 both trained from a seed, on the CPU in a few minutes, on texts made from the real facts in ROME's
 formats under ``data/standin/`` (``known_1000.json``, ``counterfact.json``; see its README). A build is
 cached in ``kvlab.env.cache_dir()/standin/<family>-<hash>`` (the hash covers the data, the configuration
-and :data:`VERSION`) and loads with ``kvlab.load(path)`` or the course's ``--model PATH``::
+and :data:`VERSION`), with its training texts in ``corpus.txt`` there (for a notebook's ``CORPUS``), and
+loads with ``kvlab.load(path)`` or the course's ``--model PATH``::
 
     python -m kvlab.standin build gpt2            # prints the model's folder
     python -m kvlab.standin build llama --out DIR
@@ -248,6 +249,7 @@ def build(family: str = "gpt2", cfg: Config = Config(), out: str | os.PathLike |
     if info.exists() and not force:
         meta = json.loads(info.read_text())
         if meta.get("fingerprint") == fingerprint(family, cfg, **files):
+            write_corpus(path, fact_texts(**files))
             return Built(path, family, True, 0.0, meta["recall_known"], meta["recall_counterfact"],
                          meta["n_texts"], meta["final_loss"])
     old_threads = torch.get_num_threads()
@@ -269,6 +271,7 @@ def build(family: str = "gpt2", cfg: Config = Config(), out: str | os.PathLike |
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "standin.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_corpus(tmp, texts)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -276,6 +279,14 @@ def build(family: str = "gpt2", cfg: Config = Config(), out: str | os.PathLike |
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Built(path, family, False, seconds, r_known, r_cf, len(texts), loss)
+
+
+def write_corpus(path: Path, texts: list[str]) -> Path:
+    """``path/corpus.txt``: the training texts, one a line, for a notebook's ``CORPUS`` parameter."""
+    f = Path(path) / "corpus.txt"
+    if not f.exists():
+        f.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return f
 
 
 def main(argv: list[str] | None = None) -> int:
