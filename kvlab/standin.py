@@ -52,7 +52,7 @@ class Config:
     kv_heads: int = 2          # llama only: grouped-query attention
     positions: int = 96
     vocab: int = 800           # small, so that most names are several tokens
-    steps: int = 600
+    steps: int = 300
     batch: int = 32
     lr: float = 3e-3
     seed: int = 0

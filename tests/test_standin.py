@@ -115,6 +115,7 @@ def test_quick_build_loads_and_caches(family, tmp_path):
     out = tmp_path / family
     r = standin.build(family, TINY, out=out)
     assert not r.cached and (out / "standin.json").exists()
+    assert (out / "corpus.txt").read_text(encoding="utf-8").splitlines() == standin.fact_texts()   # for CORPUS
     model, tok, arch = kvlab.load(str(out), device="cpu")
     assert model.config.model_type == family and arch.n_layers == TINY.layers
     if family == "llama":
