@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +56,10 @@ class Config:
     batch: int = 32
     lr: float = 3e-3
     seed: int = 0
+
+
+# What CI builds: the Llama learns the facts more slowly (loss 0.41 after 300 steps vs GPT-2's 0.15).
+DEFAULTS = {"gpt2": Config(), "llama": Config(steps=600)}
 
 
 @dataclass
@@ -229,20 +233,22 @@ def fingerprint(family: str, cfg: Config, known_file: Path = KNOWN_FILE,
     return h.hexdigest()[:12]
 
 
-def standin_dir(family: str, cfg: Config = Config(), **files) -> Path:
-    """Where the stand-in of ``family`` is (or will be) cached."""
+def standin_dir(family: str, cfg: Config | None = None, **files) -> Path:
+    """Where the stand-in of ``family`` is (or will be) cached (``cfg``: :data:`DEFAULTS` of the family)."""
     from .env import cache_dir
 
+    cfg = cfg or DEFAULTS[family]
     return cache_dir() / "standin" / f"{family}-{fingerprint(family, cfg, **files)}"
 
 
-def build(family: str = "gpt2", cfg: Config = Config(), out: str | os.PathLike | None = None,
+def build(family: str = "gpt2", cfg: Config | None = None, out: str | os.PathLike | None = None,
           force: bool = False, progress: bool = False, threads: int | None = None,
           known_file: Path = KNOWN_FILE, counterfact_file: Path = COUNTERFACT_FILE) -> Built:
     """The stand-in of ``family``: loaded from the cache when built before, else trained and saved
     (``save_pretrained``, atomically) with a ``standin.json`` that records how it was made."""
     if family not in FAMILIES:
         raise ValueError(f"unknown stand-in family {family!r}; choose from {FAMILIES}")
+    cfg = cfg or DEFAULTS[family]
     files = dict(known_file=Path(known_file), counterfact_file=Path(counterfact_file))
     path = Path(out) if out is not None else standin_dir(family, cfg, **files)
     info = path / "standin.json"
@@ -295,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build (or find in the cache) a stand-in and print its folder")
     b.add_argument("family", choices=FAMILIES)
     b.add_argument("--out", help="folder to save to (default: the cache)")
-    b.add_argument("--steps", type=int, default=Config.steps, help="training steps (default %(default)s)")
+    b.add_argument("--steps", type=int, help="training steps (default: gpt2 300, llama 600)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--quiet", action="store_true", help="print only the folder")
     a = p.parse_args(argv)
-    cfg = Config(steps=a.steps)
+    cfg = DEFAULTS[a.family] if a.steps is None else replace(DEFAULTS[a.family], steps=a.steps)
     r = build(a.family, cfg, out=a.out, force=a.force, progress=not a.quiet)
     if not a.quiet:
         how = "cached" if r.cached else f"built in {r.seconds:.0f} s"

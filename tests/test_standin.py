@@ -126,7 +126,7 @@ def test_quick_build_loads_and_caches(family, tmp_path):
         assert tok(" Paris", add_special_tokens=False)["input_ids"] != tok("Paris", add_special_tokens=False)["input_ids"]
     again = standin.build(family, TINY, out=out)
     assert again.cached and again.recall_known == r.recall_known
-    assert standin.standin_dir(family, TINY) != standin.standin_dir(family, standin.Config())
+    assert standin.standin_dir(family, TINY) != standin.standin_dir(family)
 
 
 def test_unknown_family():
