@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-VERSION = 1                    # bump when the texts, tokenizers or training change
+VERSION = {"gpt2": 1, "llama": 2}   # per family; bump when its texts, tokenizer or training change
 FAMILIES = ("gpt2", "llama")
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "standin"
 KNOWN_FILE = DATA_DIR / "known_1000.json"
@@ -123,7 +123,9 @@ def llama_tokenizer(texts: list[str], vocab: int):
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    # punctuation apart from words, as in a large sentencepiece vocabulary ("Paris" "." rather than "Par" "is.")
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
+                                               pre_tokenizers.Punctuation("isolated")])
     t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     alphabet = sorted({ch for s in texts for ch in s.replace(" ", "▁")} | {"▁"})
     t.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
@@ -227,7 +229,7 @@ def fingerprint(family: str, cfg: Config, known_file: Path = KNOWN_FILE,
                 counterfact_file: Path = COUNTERFACT_FILE) -> str:
     """Hash of what a build depends on: the two data files, the configuration, :data:`VERSION`."""
     h = hashlib.sha256()
-    h.update(json.dumps({"family": family, "config": asdict(cfg), "version": VERSION}, sort_keys=True).encode())
+    h.update(json.dumps({"family": family, "config": asdict(cfg), "version": VERSION[family]}, sort_keys=True).encode())
     for f in (known_file, counterfact_file):
         h.update(Path(f).read_bytes())
     return h.hexdigest()[:12]
@@ -268,8 +270,8 @@ def build(family: str = "gpt2", cfg: Config | None = None, out: str | os.PathLik
         r_known, r_cf = recall(model, tok, **files)
     finally:
         torch.set_num_threads(old_threads)
-    meta = dict(family=family, fingerprint=fingerprint(family, cfg, **files), version=VERSION, config=asdict(cfg),
-                seconds=round(seconds, 1), recall_known=r_known, recall_counterfact=r_cf, n_texts=len(texts),
+    meta = dict(family=family, fingerprint=fingerprint(family, cfg, **files), version=VERSION[family],
+                config=asdict(cfg), seconds=round(seconds, 1), recall_known=r_known, recall_counterfact=r_cf, n_texts=len(texts),
                 final_loss=loss, data=[str(f) for f in files.values()])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))

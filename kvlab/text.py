@@ -249,8 +249,9 @@ def subject_token_range(tok, prompt: str, subject: str, occurrence: int = 0,
     Found from character offsets, so a subject whose words are split into several tokens is
     covered by all of them. A mention counts only where it starts and ends on token boundaries
     and not inside a word ("Lars" is not in "Larsen lives in"); as in ROME, a token that also holds
-    punctuation next to the subject (sentencepiece's "ds," in "Marshall Islands, the") belongs to it; ``occurrence`` picks among those
-    mentions (0 = first, -1 = last), ``char_start`` picks the one starting at that character.
+    punctuation next to the subject (sentencepiece's "ds," in "Marshall Islands, the") belongs to it.
+    ``occurrence`` picks among those mentions (0 = first, -1 = last), ``char_start`` picks the one
+    starting at that character.
     Raises ValueError, naming subject and prompt, if there is no such mention or the subject
     contains a word the tokenizer does not know.
     """
