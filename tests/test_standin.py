@@ -133,3 +133,23 @@ def test_quick_build_loads_and_caches(family, tmp_path):
 def test_unknown_family():
     with pytest.raises(ValueError, match="unknown stand-in family 'gptx'"):
         standin.build("gptx", TINY)
+
+
+def test_subject_token_holding_punctuation_belongs_to_it():
+    """Sentencepiece without a punctuation split can merge "s," into one token; as in ROME, the subject's range
+    then covers that token (kvlab used to raise "starts or ends inside the token(s)")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    t.train_from_iterator(["In Marshall Islands, the language is English"] * 20,
+                          trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
+    prompt = "In Marshall Islands, the language is"
+    ids = tok(prompt)["input_ids"]
+    assert "▁Islands," in tok.convert_ids_to_tokens(ids)
+    t0, t1 = subject_token_range(tok, prompt, "Marshall Islands")
+    assert tok.convert_ids_to_tokens(ids[t0:t1]) == ["▁Marshall", "▁Islands,"]
+    with pytest.raises(ValueError, match="inside the token"):
+        subject_token_range(tok, prompt, "Marshall Island")          # letters left over: still refused
