@@ -50,7 +50,7 @@ course-lowp: setup
 # Notebooks 05, 06, 07 and 09 on a stand-in for a real model (kvlab.standin: a tiny GPT-2 with a byte-level
 # BPE tokenizer, or STANDIN=llama: a tiny Llama with a sentencepiece-style one, trained on real facts in
 # ROME's formats and cached), with KNOWN / COUNTERFACT set to those real-format files (absolute paths:
-# notebooks run in notebooks/); small sizes.
+# notebooks run in notebooks/), CORPUS to the stand-in's training texts; small sizes.
 STANDIN ?= gpt2
 STANDIN_SIZES ?= -p N_FACTS 12 -p SAMPLES 3 -p N_SWEEP 4 -p N_TRACE 4 -p N_EDITS 8 -p SWEEP_EDITS 2 \
 	-p COV_SAMPLES 300 -p COUNTS "[2, 4]"
@@ -58,7 +58,7 @@ course-standin: setup
 	mkdir -p build && $(BIN)/python -m kvlab.standin build $(STANDIN) --quiet > build/standin-$(STANDIN).path
 	$(BIN)/python -m kvlab.course run --quiet --only 05 06 07 09 --model "$$(cat build/standin-$(STANDIN).path)" \
 	  -p KNOWN $(CURDIR)/data/standin/known_1000.json -p COUNTERFACT $(CURDIR)/data/standin/counterfact.json \
-	  $(STANDIN_SIZES) \
+	  -p CORPUS "$$(cat build/standin-$(STANDIN).path)/corpus.txt" $(STANDIN_SIZES) \
 	  --out build/course-standin$(if $(filter-out gpt2,$(STANDIN)),-$(STANDIN))
 
 course-check: setup
