@@ -23,7 +23,7 @@ PIP    := python -m pip install -q --disable-pip-version-check \
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= module://matplotlib_inline.backend_inline
 
-.PHONY: setup test course course-lowp course-check compat compat-floor compat-newest lock clean lab wheelhouse
+.PHONY: setup test course course-lowp course-standin course-check compat compat-floor compat-newest lock clean lab wheelhouse
 
 setup: $(VENV)/.installed
 
@@ -66,6 +66,20 @@ wheelhouse:
 LOWP ?= bfloat16
 course-lowp: setup
 	$(BIN)/python -m kvlab.course run --quiet --only 01 03 05 -p DTYPE $(LOWP) --out build/course-$(LOWP)
+
+# Notebooks 05, 06, 07 and 09 on a stand-in for a real model (kvlab.standin: a tiny GPT-2 with a byte-level
+# BPE tokenizer, or STANDIN=llama: a tiny Llama with a sentencepiece-style one, trained on real facts in
+# ROME's formats and cached), with KNOWN / COUNTERFACT set to those real-format files (absolute paths:
+# notebooks run in notebooks/), CORPUS to the stand-in's training texts; small sizes.
+STANDIN ?= gpt2
+STANDIN_SIZES ?= -p N_FACTS 12 -p SAMPLES 3 -p N_SWEEP 4 -p N_TRACE 4 -p N_EDITS 8 -p SWEEP_EDITS 2 \
+	-p COV_SAMPLES 300 -p COUNTS "[2, 4]"
+course-standin: setup
+	mkdir -p build && $(BIN)/python -m kvlab.standin build $(STANDIN) --quiet > build/standin-$(STANDIN).path
+	$(BIN)/python -m kvlab.course run --quiet --only 05 06 07 09 --model "$$(cat build/standin-$(STANDIN).path)" \
+	  -p KNOWN $(CURDIR)/data/standin/known_1000.json -p COUNTERFACT $(CURDIR)/data/standin/counterfact.json \
+	  -p CORPUS "$$(cat build/standin-$(STANDIN).path)/corpus.txt" $(STANDIN_SIZES) \
+	  --out build/course-standin$(if $(filter-out gpt2,$(STANDIN)),-$(STANDIN))
 
 course-check: setup
 	$(BIN)/python -m kvlab.course check

@@ -157,7 +157,16 @@ def parse_counterfact(records: list) -> list[EditCase]:
     return out
 
 
-def _download(url: str, path: Path) -> Path:
+def _check_json(tmp: str) -> None:
+    json.loads(Path(tmp).read_text(encoding="utf-8"))      # a JSON file, not an error page
+
+
+_DATA_ADVICE = ("Download the file where you have access, then pass its path, e.g. KNOWN='/path/known_1000.json' "
+                "or COUNTERFACT='/path/counterfact.json' in a notebook's parameters, or "
+                "load_known('/path/known_1000.json').")
+
+
+def _download(url: str, path: Path, check=_check_json, advice: str = _DATA_ADVICE) -> Path:
     """Fetch ``url`` to ``path`` (atomically: a partial download never takes its place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -165,15 +174,13 @@ def _download(url: str, path: Path) -> Path:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=120) as r:
             while chunk := r.read(1 << 20):
                 out.write(chunk)
-        json.loads(Path(tmp).read_text(encoding="utf-8"))      # a JSON file, not an error page
+        check(tmp)
         os.replace(tmp, path)
     except (OSError, ValueError) as e:
         Path(tmp).unlink(missing_ok=True)
         raise OSError(
             f"could not download {url} ({e}). This machine may be offline (no network, or no access to "
-            f"that host). Download the file where you have access, then pass its path, e.g. "
-            f"KNOWN='/path/known_1000.json' or COUNTERFACT='/path/counterfact.json' in a notebook's "
-            f"parameters, or load_known('/path/known_1000.json').") from e
+            f"that host). {advice}") from e
     return path
 
 
@@ -234,3 +241,145 @@ def load_counterfact(source: str | Path | None = None, model=None) -> list[EditC
     """Editing cases in CounterFact's schema: ``source`` as in the module docstring (default: the
     world's ``counterfact.json``)."""
     return parse_counterfact(_read(source_path(source, "counterfact", model)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus texts (trigger mining, vocabulary statistics, ROME's key covariance)
+
+CORPORA = ("auto", "world", "wikitext")
+WIKITEXT = ("wikitext", "wikitext-103-raw-v1")      # ROME's choice besides Wikipedia (layer_stats.py)
+
+
+def _wikitext(n: int) -> list[str]:
+    """The first ``n`` paragraphs of WikiText-103's training split (headings and blank lines left out)."""
+    advice = ("pass a text file instead (CORPUS='/path/texts.txt', one text per line, or a .jsonl file "
+              "with a \"text\" field), or CORPUS='world' for the built-in world's corpus")
+    try:
+        import datasets
+    except ImportError as e:
+        raise OSError(f"the wikitext corpus needs the optional package `datasets` (pip install datasets) and "
+                      f"access to the Hugging Face hub; or {advice}") from e
+    try:
+        ds = datasets.load_dataset(*WIKITEXT, split="train", streaming=True)
+        out = []
+        for row in ds:
+            t = row["text"].strip()
+            if t and not t.startswith("="):
+                out.append(t)
+                if len(out) >= n:
+                    break
+    except Exception as e:  # offline, hub unreachable, a datasets version that cannot read it
+        raise OSError(f"could not load {WIKITEXT[0]}/{WIKITEXT[1]} with `datasets` ({type(e).__name__}: {e}). "
+                      f"This machine may be offline; {advice}") from e
+    return out
+
+
+def _text_file(path: Path, n: int) -> list[str]:
+    """Texts of a .txt file (one per non-empty line) or a .jsonl file (a string, or an object with "text")."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            line = line.strip()
+            if not line:
+                continue
+            if path.suffix == ".jsonl":
+                rec = json.loads(line)
+                text = rec.get("text") if isinstance(rec, dict) else rec
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}: line {i + 1} is neither a string nor an object with a 'text' string")
+                line = text.strip()
+            if line:
+                out.append(line)
+                if len(out) >= n:
+                    break
+    if not out:
+        raise ValueError(f"{path}: no texts in the file")
+    return out
+
+
+def corpus_name(source: str | Path = "auto", model=None) -> str | Path:
+    """What a ``CORPUS`` parameter stands for: "auto" resolved to "world" (built-in model) or "wikitext"."""
+    from .loading import is_builtin
+
+    if source == "auto":
+        if model is None:
+            raise ValueError("corpus source 'auto' needs the model: load_corpus('auto', model=model)")
+        return "world" if is_builtin(model) else "wikitext"
+    return source
+
+
+def load_corpus(source: str | Path = "auto", model=None, n: int = 2000, seed: int = 0) -> list[str]:
+    """Up to ``n`` texts for corpus statistics (a notebook's ``CORPUS`` parameter).
+
+    ``"auto"``: the built-in world's corpus on the built-in model, WikiText-103 on any other;
+    ``"world"``: the world's training sentences (``seed`` picks them); ``"wikitext"``: WikiText-103
+    (``wikitext-103-raw-v1``, as in ROME's ``layer_stats``), through the optional ``datasets`` package
+    and the hub; or a path to a ``.txt`` (one text per line) or ``.jsonl`` file.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    source = corpus_name(source, model)
+    if source == "world":
+        from .world import corpus_texts
+        return corpus_texts(n=n, seed=seed)
+    if source == "wikitext":
+        return _wikitext(n)
+    path = Path(str(source)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus {str(source)!r} not found; a corpus is one of {CORPORA} or a path to a "
+                                f".txt / .jsonl file")
+    return _text_file(path, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# ROME's published key statistics
+
+ROME_STATS = "https://rome.baulab.info/data/stats/"
+
+
+def layer_stats_name(model_name: str, layer_name: str, dataset: str = "wikipedia", precision: str = "float32",
+                     sample_size: int | None = 100000) -> str:
+    """The relative path ROME's ``layer_stats`` stores a layer's second moment under, e.g.
+    ``gpt2-xl/wikipedia_stats/transformer.h.17.mlp.c_proj_float32_mom2_100000.npz`` (the model's
+    hub id with "/" replaced by "_"; the layer is the value projection, whose input is the key)."""
+    size = "" if sample_size is None else f"_{sample_size}"
+    return f"{model_name.replace('/', '_')}/{dataset}_stats/{layer_name}_{precision}_mom2{size}.npz"
+
+
+def load_layer_stats(path: str | Path) -> "torch.Tensor":
+    """C = E[k kᵀ] from a file in ROME's ``layer_stats`` format, in kvlab's convention: float64,
+    (d_ff, d_ff), on the CPU. The file holds ``mom2.mom2`` (Σ k kᵀ over ``mom2.count`` tokens)."""
+    import numpy as np
+    import torch
+
+    with np.load(path, allow_pickle=False) as z:
+        missing = [k for k in ("mom2.mom2", "mom2.count") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path}: not a ROME second-moment file (missing {missing}; has {z.files})")
+        mom2, count = z["mom2.mom2"], float(z["mom2.count"])
+    if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1] or count <= 0:
+        raise ValueError(f"{path}: mom2.mom2 has shape {mom2.shape} and count {count}; expected a square "
+                         f"matrix and a positive count")
+    return torch.from_numpy(mom2.astype(np.float64) / count)
+
+
+def fetch_layer_stats(model_name: str, layer_name: str, dataset: str = "wikipedia", precision: str = "float32",
+                      sample_size: int | None = 100000, url: str | None = None) -> "torch.Tensor":
+    """ROME's published C = E[k kᵀ] for one layer of a hub model (gpt2-xl, EleutherAI/gpt-j-6B), downloaded
+    once from :data:`ROME_STATS` into ``cache_dir()/rome/stats`` (see :func:`layer_stats_name`); returned
+    by :func:`load_layer_stats`. Pass it to ``key_covariance(..., stats=...)``."""
+    from .env import cache_dir
+
+    name = layer_stats_name(model_name, layer_name, dataset, precision, sample_size)
+    path = cache_dir() / "rome" / "stats" / name
+    if not path.exists():
+        _download(url or ROME_STATS + name, path, check=_check_npz,
+                  advice=f"download {ROME_STATS + name} where you have access and pass its path to "
+                         f"kvlab.data.load_layer_stats, or compute C from texts (key_covariance)")
+    return load_layer_stats(path)
+
+
+def _check_npz(tmp: str) -> None:
+    import numpy as np
+    with np.load(tmp, allow_pickle=False) as z:
+        z.files  # noqa: B018  (a readable npz, not an error page)

@@ -217,9 +217,11 @@ def _mentions(tok, prompt: str, subject: str) -> tuple[list[tuple[int, int, int]
     why each other one is not ({char start: reason}), and the prompt's token ids."""
     enc = tok(prompt, return_offsets_mapping=True, add_special_tokens=True)
     spans = []                                       # per token, its characters without surrounding spaces
-    for a, b in enc["offset_mapping"]:
+    for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
         piece = prompt[a:b]
         a2 = a + len(piece) - len(piece.lstrip())
+        if not tok.decode([i]).strip():              # a lone space token: sentencepiece's "▁" before a word it
+            piece, a2 = "", a                        # splits ("▁", "Z", "eno") is given the offsets of "Z"
         spans.append((a2, max(a2, a + len(piece.rstrip()))))
     # the subject's own characters, without spaces around it
     lead, core = len(subject) - len(subject.lstrip()), len(subject.strip())
@@ -229,7 +231,7 @@ def _mentions(tok, prompt: str, subject: str) -> tuple[list[tuple[int, int, int]
         toks = [t for t, (a, b) in enumerate(spans) if b > a and a < s1 and b > s0]
         if not toks:
             bad[c0] = "covers no token"
-        elif spans[toks[0]][0] != s0 or spans[toks[-1]][1] != s1:
+        elif any(c.isalnum() for c in prompt[spans[toks[0]][0]:s0] + prompt[s1:spans[toks[-1]][1]]):
             bad[c0] = f"starts or ends inside the token(s) {prompt[spans[toks[0]][0]:spans[toks[-1]][1]]!r}"
         elif _word_around(prompt, s0, s1) != (s0, s1):
             w0, w1 = _word_around(prompt, s0, s1)
@@ -246,8 +248,10 @@ def subject_token_range(tok, prompt: str, subject: str, occurrence: int = 0,
 
     Found from character offsets, so a subject whose words are split into several tokens is
     covered by all of them. A mention counts only where it starts and ends on token boundaries
-    and not inside a word ("Lars" is not in "Larsen lives in"); ``occurrence`` picks among those
-    mentions (0 = first, -1 = last), ``char_start`` picks the one starting at that character.
+    and not inside a word ("Lars" is not in "Larsen lives in"); as in ROME, a token that also holds
+    punctuation next to the subject (sentencepiece's "ds," in "Marshall Islands, the") belongs to it.
+    ``occurrence`` picks among those mentions (0 = first, -1 = last), ``char_start`` picks the one
+    starting at that character.
     Raises ValueError, naming subject and prompt, if there is no such mention or the subject
     contains a word the tokenizer does not know.
     """

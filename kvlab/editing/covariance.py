@@ -302,15 +302,24 @@ def default_texts(n: int) -> tuple[list[str], str]:
 @torch.no_grad()
 def key_covariance(model, tok, layer: int, texts: list[str] | None = None, n: int = 2000,
                    batch_size: int = 64, max_length: int = 128, cache: bool = True,
-                   progress: bool = True) -> torch.Tensor:
+                   progress: bool = True, stats=None) -> torch.Tensor:
     """C = E[k kᵀ] over all tokens of ``n`` texts, k = input of the value projection at ``layer``.
 
     Returns a float64 tensor (d_ff, d_ff) on the CPU. ``texts=None`` uses the world corpus
-    (ROME uses 100k Wikipedia samples for GPT-2 XL; pass your own texts for hub models).
-    ``cache=False`` neither reads nor writes the caches (see the module docstring).
+    (ROME uses 100k Wikipedia samples for GPT-2 XL; pass your own texts for hub models, e.g.
+    ``kvlab.data.load_corpus``). ``stats``: C precomputed instead, a tensor or a file in ROME's
+    ``layer_stats`` format (``kvlab.data.fetch_layer_stats`` gets ROME's published ones); only its
+    shape is checked. ``cache=False`` neither reads nor writes the caches (see the module docstring).
     """
     arch = adapter(model)
     layer = arch._check_layer(layer)
+    if stats is not None:
+        from ..data import load_layer_stats
+        C = stats if isinstance(stats, torch.Tensor) else load_layer_stats(stats)
+        if tuple(C.shape) != (arch.d_ff, arch.d_ff):
+            raise ValueError(f"key_covariance: stats of shape {tuple(C.shape)} do not fit layer {layer}, whose keys "
+                             f"have d_ff={arch.d_ff}")
+        return C.to("cpu", torch.float64)
     if texts is None:
         texts, _ = default_texts(n)
     else:
