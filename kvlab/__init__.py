@@ -14,7 +14,8 @@ from .env import setup, environment  # noqa: F401
 from . import hooks, memory, text  # noqa: F401
 
 _SUBMODULES = {"data", "world", "triggers", "vocab", "lens", "tracing", "neurons", "editing", "lora", "plots",
-               "widgets", "course", "testing", "env", "arch", "loading", "checks", "reference"}
+               "widgets", "course", "testing", "env", "arch", "loading", "checks", "reference", "exercises",
+               "standin", "lora_train"}
 
 
 def __getattr__(name):  # lazy submodules: kvlab.tracing, kvlab.data, ... import on first use
