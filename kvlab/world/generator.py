@@ -31,7 +31,7 @@ facts up at the final prompt token only and ROME's edit site carries nothing (no
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 # ---------------------------------------------------------------------------------------------
@@ -131,40 +131,14 @@ RELATIONS: dict[str, Relation] = {r.id: r for r in [
 # of the same subject and object kind. No held-out phrasing needs a word the relation's subject kind
 # never occurs with (world v1's "the profession of {} is" and city -> country held-outs did, and
 # scored 50% and 0%).
-RELATIONS_V2: dict[str, Relation] = {r.id: r for r in [
-    Relation("P19", "place of birth", "person", tuple(CITIES),
-             train=("{} was born in", "{} was born in the city of", "the birthplace of {} is",
-                    "{} is originally from", "the place where {} was born is", "the birthplace of {} is the city of"),
-             heldout=("the city where {} was born is", "{} is also originally from")),
-    Relation("P551", "residence", "person", tuple(CITIES),
-             train=("{} lives in", "{} now lives in", "the home of {} is in", "the city where {} lives is",
-                    "{} lives in the city of", "{} also lives in"),
-             heldout=("{} currently lives in", "the place where {} lives is")),
-    Relation("P106", "occupation", "person", tuple(OCCUPATIONS),
-             train=("{} works as a", "{} is employed as a", "the job of {} is", "by profession, {} is a",
-                    "{} currently works as a", "the job that {} has is"),
-             heldout=("{} now works as a", "{} is also employed as a")),
-    Relation("P108", "employer", "person", tuple(EMPLOYERS),
-             train=("{} works for", "{} is employed by", "the employer of {} is",
-                    "the company that {} works for is", "{} still works for", "{} currently works for"),
-             heldout=("{} also works for", "{} is now employed by")),
-    Relation("P641", "sport", "person", tuple(SPORTS),
-             train=("{} plays the sport of", "{} is a professional player of", "the favorite sport of {} is",
-                    "the sport that {} plays is", "{} also plays the sport of", "{} currently plays"),
-             heldout=("{} still plays the sport of", "the sport of {} is")),
-    Relation("P1303", "instrument", "person", tuple(INSTRUMENTS),
-             train=("{} plays the", "{} is a musician who plays the", "the instrument of {} is the",
-                    "the instrument that {} plays is the", "{} now plays the", "{} still plays the"),
-             heldout=("{} currently plays the", "the favorite instrument of {} is the")),
-    Relation("P17", "country", "city", tuple(COUNTRIES),
-             train=("{} is a city in", "{} is located in", "the country of {} is", "{} lies in",
-                    "the city of {} is in", "{} is a city located in the country of"),
-             heldout=("{} is also a city in", "the city of {} is located in")),
-    Relation("P37", "official language", "country", tuple(LANGUAGES),
-             train=("the official language of {} is", "people in {} speak", "in {}, people speak",
-                    "the language of {} is", "most people in {} speak"),
-             heldout=("in {}, most people speak", "people in {} also speak")),
-]}
+RELATIONS_V2: dict[str, Relation] = {rid: replace(r, **{
+    "P106": dict(heldout=("{} now works as a", "{} is also employed as a")),
+    "P108": dict(heldout=("{} also works for", "{} is now employed by")),
+    "P17": dict(train=("{} is a city in", "{} is located in", "the country of {} is", "{} lies in",
+                       "the city of {} is in", "{} is a city located in the country of"),
+                heldout=("{} is also a city in", "the city of {} is located in")),
+    "P37": dict(heldout=("in {}, most people speak", "people in {} also speak")),
+}.get(rid, {})) for rid, r in RELATIONS.items()}
 
 
 @dataclass(frozen=True)
