@@ -5,6 +5,8 @@ GPT-J, GPT-Neo, GPT-NeoX/Pythia and Llama-style models without downloading anyth
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .loading import Loaded, dtype_kwarg
@@ -97,3 +99,23 @@ def tiny(family: str = "gpt2", seed: int = 0, **sizes) -> Loaded:
                 p.normal_(0, 0.3)
     model.eval().requires_grad_(False)
     return Loaded(model, tok, adapter(model))
+
+
+@contextlib.contextmanager
+def cache_ignored(module):
+    """Within the block, ``module`` (an attention layer) gets every cache argument as None, whatever it is
+    called (``past_key_value(s)``, ``cache``): a model whose attention never fills the cache, for testing the
+    fast paths' fallback. The original ``forward`` is restored on exit, also on error."""
+    forward = module.forward
+
+    def no_cache(*args, **kwargs):
+        for name in list(kwargs):
+            if "past" in name or name == "cache":
+                kwargs[name] = None
+        return forward(*args, **kwargs)
+
+    module.forward = no_cache
+    try:
+        yield module
+    finally:
+        del module.forward

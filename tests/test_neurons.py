@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvlab import memory, neurons as N
-from kvlab.testing import FAMILIES, tiny
+from kvlab.testing import FAMILIES, cache_ignored, tiny
 from kvlab.text import encode, token_ids
 
 PROMPT, ANSWER = "anna berg lives in", "paris"
@@ -86,21 +86,10 @@ def test_cached_ig_without_split_is_exact_and_loud():
     """Blocks whose attention ignores the cache: every position is computed (rows still start at their
     layer), the attribution is the same, and a RuntimeWarning says why it is slower."""
     model, tok, arch = tiny("gpt2")
-    attn = arch.attn(0)
-    forward = attn.forward
-
-    def no_cache(*args, **kwargs):
-        for name in list(kwargs):
-            if "past" in name or name == "cache":
-                kwargs[name] = None
-        return forward(*args, **kwargs)
-    attn.forward = no_cache
-    try:
+    with cache_ignored(arch.attn(0)):   # attention that never fills the cache
         with pytest.warns(RuntimeWarning, match="never called update"):
             fast = N.attribute(model, tok, PROMPT, ANSWER, steps=4)
         _assert_same_attribution(fast, N.attribute(model, tok, PROMPT, ANSWER, steps=4, method="plain"))
-    finally:
-        del attn.forward
     with pytest.raises(ValueError, match="method"):
         N.attribute(model, tok, PROMPT, ANSWER, method="fast")
 

@@ -5,7 +5,7 @@ import torch
 from kvlab import tracing
 from kvlab.arch import adapter
 from kvlab.hooks import capture, patch
-from kvlab.testing import FAMILIES, bpe_tokenizer, tiny
+from kvlab.testing import FAMILIES, bpe_tokenizer, cache_ignored, tiny
 from kvlab.text import encode, subject_token_range
 
 PROMPT, SUBJECT = "of anna berg is in", "anna berg"
@@ -313,19 +313,8 @@ def test_split_path_on_for_every_family(family, recwarn):
 def test_split_off_is_loud():
     """A block whose attention never uses the cache it is given: exact scores, and a warning that says why."""
     model, tok, arch = tiny("gpt2")
-    attn = arch.attn(0)
-    forward = attn.forward
-
-    def no_cache(*args, **kwargs):                  # drop every cache argument, whatever it is called
-        for name in list(kwargs):
-            if "past" in name or name == "cache":
-                kwargs[name] = None
-        return forward(*args, **kwargs)
-    attn.forward = no_cache
-    try:
+    with cache_ignored(arch.attn(0)):   # attention that never fills the cache
         with pytest.warns(RuntimeWarning, match="never called update"):
             tr = tracing.Tracer(model, tok, PROMPT, SUBJECT, noise=0.5, samples=2)
         assert not tr.split and "update" in tr.split_off
         assert tr.trace("hidden", 1).scores.shape[0] == len(tr.tokens)
-    finally:
-        del attn.forward
