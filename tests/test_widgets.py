@@ -106,8 +106,7 @@ def test_executed_notebook_html_shows_the_static_view(tmp_path):
     """A notebook executed as papermill does (widget state saved) converts to HTML with the fallback."""
     import nbformat
     from nbclient import NotebookClient
-    # nbconvert 7.0 (the floor lock's) does not import with lxml >= 5.2 (lxml.html.clean split off)
-    HTMLExporter = pytest.importorskip("nbconvert", reason="nbconvert does not import here").HTMLExporter
+    from nbconvert import HTMLExporter   # >= 7.1: 7.0 imported lxml.html.clean, which lxml 5.2 split off
 
     src = ("import ipywidgets as W\nfrom IPython.display import Markdown, display\nfrom kvlab import widgets\n"
            "widgets.interactive_output(lambda n: display(Markdown(f'**squares:** {[i * i for i in range(n)]}')),"
