@@ -103,6 +103,31 @@ def floor(tr: tracing.Tracer, kind: str, window: int) -> None:
             tr.arch.unembed(tr.arch.final_norm(h[:, -1])).softmax(-1)
 
 
+def token_blocks(model, tok, prompt, subject, kind, noise, eps, window):
+    """Arithmetic of both methods, in tokens through one block: (ROME's procedure, kvlab's tracer).
+
+    ROME's runs 1 + samples rows of all n positions through all L blocks, once for the prediction,
+    once for the corrupted score and once per cell. The tracer's is counted from its block calls
+    (rows x positions per call; a last-block call that stops after the keys/values counts whole)."""
+    S, L = eps.shape[0], adapter(model).n_layers
+    n = encode(model, tok, prompt).input_ids.shape[1]
+    rome = (n * L + 2) * (S + 1) * n * L
+    count = [0]
+    run, run_at = tracing.BlockRunner.run, tracing.BlockRunner.run_at
+
+    def counted(fn):
+        def wrapper(self, l, h, *args, **kwargs):
+            count[0] += h.shape[0] * h.shape[1]
+            return fn(self, l, h, *args, **kwargs)
+        return wrapper
+    tracing.BlockRunner.run, tracing.BlockRunner.run_at = counted(run), counted(run_at)
+    try:
+        tracing.trace(model, tok, prompt, subject, kind=kind, noise=noise, samples=S, window=window, eps=eps)
+    finally:
+        tracing.BlockRunner.run, tracing.BlockRunner.run_at = run, run_at
+    return rome, count[0] + (S + 1) * n * L          # + the tracer's clean/corrupted pass
+
+
 def bench(name, model, tok, prompt, subject, samples, noise, windows=(2, 10), repeat=1):
     device = next(model.parameters()).device
     d = model.get_input_embeddings().weight.shape[1]
@@ -112,8 +137,9 @@ def bench(name, model, tok, prompt, subject, samples, noise, windows=(2, 10), re
     print(f"\n{name}: prompt {prompt!r} ({n} tokens), subject {subject!r}, samples={samples}, "
           f"fastest of {repeat} interleaved run(s)")
     print(f"{'kind':8s} {'window':>6s} {'ROME s':>9s} {'kvlab s':>9s} {'floor s':>9s} {'ROME/kvlab':>10s} "
-          f"{'kvlab/floor':>11s} {'max |Δ|':>8s}")
+          f"{'kvlab/floor':>11s} {'max |Δ|':>8s} {'arithmetic ROME/kvlab':>22s}")
     cases = [("hidden", 1)] + [(k, w) for w in windows for k in ("mlp", "attn")]
+    arith = {c: token_blocks(model, tok, prompt, subject, c[0], noise, eps, c[1]) for c in cases}
     best = {c: [float("inf")] * 3 for c in cases}
     diffs = {}
     for r in range(repeat):
@@ -136,12 +162,15 @@ def bench(name, model, tok, prompt, subject, samples, noise, windows=(2, 10), re
             assert diffs[(kind, w)] <= 1e-5, f"kvlab and ROME's procedure disagree ({diffs[(kind, w)]:.2e})"
     for (kind, w), (t_rome, t_fast, t_floor) in best.items():
         print(f"{kind:8s} {w if kind != 'hidden' else '-':>6} {t_rome:9.3f} {t_fast:9.3f} {t_floor:9.3f} "
-              f"{t_rome / t_fast:9.1f}x {t_fast / t_floor:10.2f}x {diffs[(kind, w)]:8.1e}")
+              f"{t_rome / t_fast:9.1f}x {t_fast / t_floor:10.2f}x {diffs[(kind, w)]:8.1e} "
+              f"{arith[(kind, w)][0] / arith[(kind, w)][1]:21.1f}x")
     out = {}
     for w in windows:
         tot = [sum(best[c][m] for c in (("hidden", 1), ("mlp", w), ("attn", w))) for m in range(3)]
         out[w] = (tot[0] / tot[1], tot[1] / tot[2])
-        print(f"{'all':8s} {w:>6} {tot[0]:9.3f} {tot[1]:9.3f} {tot[2]:9.3f} {out[w][0]:9.1f}x {out[w][1]:10.2f}x")
+        ops = [sum(arith[c][m] for c in (("hidden", 1), ("mlp", w), ("attn", w))) for m in range(2)]
+        print(f"{'all':8s} {w:>6} {tot[0]:9.3f} {tot[1]:9.3f} {tot[2]:9.3f} {out[w][0]:9.1f}x {out[w][1]:10.2f}x "
+              f"{'':8s} {ops[0] / ops[1]:21.1f}x")
     return out
 
 
