@@ -6,7 +6,8 @@
 
 Prints one JSON line per part (and writes them all to ``--json``). Everything is measured with the
 package's own functions, as the notebooks call them. KN amplification and Geva's value agreement,
-composition share and token removal come from the course run (notebooks 03, 04, 06).
+composition share and token removal come from the course run (notebooks 02, 03, 04); "kn" measures
+knowledge-neuron amplification (×2) on the prompts whose answer has p < 0.5 (issue 14's target).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("recall", "tracing", "rome", "stress")
+PARTS = ("recall", "tracing", "rome", "stress", "kn")
 
 
 def load(model_dir: Path):
@@ -94,6 +95,39 @@ def part_stress(model, tok, counterfact, known, layer: int, layers: tuple, count
                         "drift": round(p.drift, 4)} for p in pts]}
 
 
+def part_kn(model, tok, world, n: int, seed: int = 0) -> dict:
+    """Knowledge neurons of ``n`` known facts (round-robin over relations; prompts: two training phrasings
+    and every held-out paraphrase, as notebook 06), amplified ×2: the mean relative change of p(answer)
+    on the prompts whose p(answer) is below 0.5, and on all prompts."""
+    import random
+    from kvlab import neurons as N
+    from kvlab.data import load_known
+    by_rel = {}
+    for k in load_known():
+        by_rel.setdefault(k.relation_id, []).append(k)
+    rng = random.Random(seed)
+    for v in by_rel.values():
+        rng.shuffle(v)
+    facts, i = [], 0
+    while len(facts) < n and any(i < len(v) for v in by_rel.values()):
+        facts += [by_rel[r][i] for r in sorted(by_rel) if i < len(by_rel[r])][: n - len(facts)]
+        i += 1
+    low, every = [], []
+    for k in facts:
+        rel = world.relations[k.relation_id]
+        prompts = [t.format(k.subject) for t in rel.train[:2] + rel.heldout]
+        found = N.find_knowledge_neurons(model, tok, prompts, k.attribute)
+        if not found.neurons:
+            continue
+        p = N.answer_prob(model, tok, prompts, k.attribute)                       # (n_prompts,)
+        e = N.intervention_effect(model, tok, found.neurons, prompts, k.attribute, 2.0)
+        every += e.tolist()
+        low += e[p < 0.5].tolist()
+    mean = lambda xs: round(100 * sum(xs) / len(xs), 1) if xs else None          # noqa: E731
+    return {"facts": len(facts), "prompts": len(every), "prompts_p_below_half": len(low),
+            "amplify_p_below_half_pct": mean(low), "amplify_all_pct": mean(every)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", type=Path, default=None, help="folder with model/, known_facts.json, counterfact.json")
@@ -104,6 +138,7 @@ def main(argv=None):
     ap.add_argument("--layer", type=int, default=None, help="ROME layer (default: MLP peak at the last subject token)")
     ap.add_argument("--memit-layers", default=None, help="e.g. 1,2,3 (default: layer-1..layer+1, clipped)")
     ap.add_argument("--edits", type=int, default=100)
+    ap.add_argument("--kn-facts", type=int, default=200, help="facts for the knowledge-neuron part")
     ap.add_argument("--counts", default="40,200")
     ap.add_argument("--v-steps", type=int, default=20)
     ap.add_argument("--v-lr", type=float, default=0.5)
@@ -115,7 +150,9 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     d = a.dir or WORLD_DIR
     model, tok = load(d / "model")
-    world = build_world(a.seed)
+    stats = d / "model" / "train_stats.json"           # the world version the model was trained on
+    version = json.loads(stats.read_text())["config"].get("world_version", 1) if stats.exists() else 1
+    world = build_world(a.seed, version=version)
     known = load_known(str(d / "known_facts.json"))
     cf = load_counterfact(str(d / "counterfact.json"))
     parts = a.only.split(",")
@@ -140,6 +177,8 @@ def main(argv=None):
         tuple(range(max(0, layer - 1), min(L, layer + 2)))
     if "rome" in parts:
         emit("rome", lambda: part_rome(model, tok, cf, layer, a.edits, a.v_steps, a.v_lr))
+    if "kn" in parts:
+        emit("kn", lambda: part_kn(model, tok, world, a.kn_facts, a.seed))
     if "stress" in parts:
         counts = [int(x) for x in a.counts.split(",")]
         emit("stress", lambda: part_stress(model, tok, cf, known, layer, layers, counts, a.v_steps, a.v_lr))
