@@ -222,6 +222,15 @@ class Adapter:
     def value_bias(self, l: int) -> torch.Tensor | None:
         return self.value_module(l).bias
 
+    def memory_layers(self) -> list[int]:
+        """The layers whose FFN writes anything: value matrix or bias not all zero. An empty FFN (the
+        built-in model's layer 0, held at zero in training) stores no memories, so the analyses of keys
+        and values (notebooks 02-04) leave it out."""
+        def live(l: int) -> bool:
+            b = self.value_bias(l)
+            return bool(self.value_matrix(l).detach().any()) or (b is not None and bool(b.detach().any()))
+        return [l for l in range(self.n_layers) if live(l)]
+
     def coefficients_from_input(self, l: int, x: torch.Tensor) -> torch.Tensor:
         """m = f(x·Kᵀ + b) from the FFN input x (already normed). (..., d_model) -> (..., d_ff)."""
         act = self.act(l)

@@ -466,8 +466,8 @@ def check_integrated_gradients(fn, model, tok, prompt: str | None = None, answer
     arch = adapter(model)
     if prompt is None:
         prompt, _, answer = facts(model, tok, 1)[0]
-    layer = 0
-    ref = attribute(model, tok, prompt, answer, layers=[layer], steps=steps)
+    layer = arch.n_layers - 1       # the top layer, where Dai et al. find knowledge neurons (the built-in
+    ref = attribute(model, tok, prompt, answer, layers=[layer], steps=steps)  # model's layer-0 FFN is empty)
     scores = ref.scores[layer]                                              # (d_ff,)
     neurons = [int(i) for i in scores.abs().topk(2).indices]
     tol = _relative_tol(model, scores, factor=1024)

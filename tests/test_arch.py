@@ -74,6 +74,31 @@ def test_value_matrix_is_a_view(loaded):
     assert K.data_ptr() == arch.key_modules(1)[0].weight.data_ptr()
 
 
+def test_memory_layers(loaded):
+    model, tok, arch = loaded
+    assert arch.memory_layers() == [0, 1, 2]
+    mod = arch.value_module(1)
+    saved = [p.detach().clone() for p in mod.parameters()]
+    try:
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.zero_()
+        assert arch.memory_layers() == [0, 2]          # an empty FFN stores no memories
+        if mod.bias is not None:
+            with torch.no_grad():
+                mod.bias[0] = 1.0
+            assert arch.memory_layers() == [0, 1, 2]   # a bias alone still writes
+    finally:
+        with torch.no_grad():
+            for p, s in zip(mod.parameters(), saved):
+                p.copy_(s)
+
+
+def test_builtin_memory_layers():
+    model, tok, arch = kvlab.load(device="cpu")
+    assert arch.memory_layers() == list(range(1, arch.n_layers))   # layer 0's FFN is held at zero (model card)
+
+
 def test_decomposition_equals_module_output(loaded):
     model, tok, arch = loaded
     for l in range(arch.n_layers):

@@ -108,18 +108,34 @@ def world2():
     return build_world(0, version=2)
 
 
-def test_v1_is_the_default_and_versions_differ(world, world2):
-    assert world.version == 1 and world2.version == 2
-    assert world2.facts != world.facts and build_world(0, version=2).facts == world2.facts
+def test_v2_is_the_default_and_versions_differ(world, world2):
+    from kvlab.world.generator import VERSION
+    world1 = build_world(0, version=1)
+    assert VERSION == 2 and world.version == 2 and world1.version == 1
+    assert world.facts == world2.facts and world1.facts != world2.facts
     with pytest.raises(ValueError, match="version"):
         build_world(0, version=3)
 
 
-def test_v2_last_names_identify_the_person(world, world2):
+def test_shipped_model_is_trained_on_the_default_world():
+    import json
+    from kvlab.world.generator import VERSION
+    from kvlab.world.train import TrainConfig
+    stats = MODEL_DIR / "train_stats.json"
+    if not stats.exists():
+        pytest.skip(f"no shipped model at {MODEL_DIR}")
+    config = json.loads(stats.read_text())["config"]
+    assert config["world_version"] == VERSION
+    # the defaults of `python -m kvlab.world train` reproduce the shipped model's settings
+    assert {k: v for k, v in vars(TrainConfig()).items() if k != "threads"} == \
+        {k: v for k, v in config.items() if k != "threads"}
+
+
+def test_v2_last_names_identify_the_person(world2):
     lasts = [p.split()[1] for p in world2.people]
     assert len(set(lasts)) == len(lasts) == len(world2.people)
     assert len({p.split()[0] for p in world2.people}) < len(world2.people) / 4      # first names repeat
-    v1_lasts = [p.split()[1] for p in world.people]
+    v1_lasts = [p.split()[1] for p in build_world(0, version=1).people]
     assert len(set(v1_lasts)) < len(v1_lasts) / 4                                     # world 1 shares them
 
 

@@ -1,6 +1,6 @@
 """Command line: ``python -m kvlab.world train|eval|export``.
 
-    python -m kvlab.world train [--seed 0] [--out DIR] [--steps N] [--quick] [--world 2]
+    python -m kvlab.world train [--seed 0] [--out DIR] [--steps N] [--quick] [--world 1]
     python -m kvlab.world eval  [--model DIR]
     python -m kvlab.world export [--model DIR] [--out DIR]
 """
@@ -17,7 +17,7 @@ import torch
 from . import WORLD_DIR, build_world, world_tokenizer
 from .tokenizer import save_tokenizer
 from .export import counterfact, known_facts, write_json
-from .train import QUICK, V2, TrainConfig, recall, train
+from .train import QUICK, V1, TrainConfig, recall, train
 
 
 def evaluate(model, tok, world) -> dict:
@@ -35,6 +35,31 @@ def export(model, tok, world, out_dir: Path) -> tuple[int, int]:
     write_json(cases, out_dir / "counterfact.json")
     write_json(world.summary(), out_dir / "world.json")
     return len(known), len(cases)
+
+
+def mlp0_line(cfg: dict) -> str:
+    """The card's line on what sets this model apart from a plain GPT-2 ("" for world 1's settings)."""
+    parts = []
+    if cfg.get("mlp0_off"):
+        parts.append("layer 0's FFN output projection held at zero and frozen (`mlp0_off`), so that FFN is "
+                     "empty and the subject is looked up from layer 1 on (see the designs below)")
+    if cfg.get("place_repeat", 1) > 1:
+        parts.append(f"city and country facts repeated {cfg['place_repeat']}x per pass (`place_repeat`)")
+    return "".join(f"- {p}\n" for p in parts)
+
+
+def heldout_note(world) -> str:
+    """What the held-out phrasings are, per world version."""
+    if world.version == 1:
+        return """Held-out phrasings are new compositions of familiar parts (an adverb or a sentence frame seen
+with other relations); see `world.json` for every template. Recall is not uniform: phrasings
+built only from parts trained with the same object type transfer well, while a held-out word
+frame never seen with that subject type (e.g. "the profession of {} is", the city -> country
+held-outs) can fail completely; check the per-relation table above.
+"""
+    return ("Held-out phrasings are trained phrasings of the same relation with one familiar word added or\n"
+            "swapped (world 2 rebuilt them: world 1's needed words that subject kind never occurs with);\n"
+            "see `world.json` for every template and the per-relation table above.\n")
 
 
 def model_card(out_dir: Path, cfg: dict, stats: dict, ev: dict, n_params: int, n_known: int, n_cases: int,
@@ -69,18 +94,13 @@ Word-level tokenizer (`tokenizer.json`, {world_vocab(out_dir)} tokens, `<|endoft
   {stats['tokens_per_s']:.0f} tokens/s, {stats['tokens']:,} tokens, final loss {stats['final_loss']:.3f}
 - config: {cfg['n_layer']} layers, d_model {cfg['n_embd']}, {cfg['n_head']} heads, d_ff {cfg['n_inner']},
   {cfg['n_positions']} positions, tied embeddings, dropout {cfg['dropout']}; {n_params:,} parameters (fp32)
-- optimiser: AdamW lr {cfg['lr']} (warmup {cfg['warmup']}, cosine to {cfg['min_lr']}), weight decay
+{mlp0_line(cfg)}- optimiser: AdamW lr {cfg['lr']} (warmup {cfg['warmup']}, cosine to {cfg['min_lr']}), weight decay
   {cfg['weight_decay']}, batch {cfg['batch']} x {cfg['block']} packed tokens, filler fraction {cfg['filler']}
 - files: {size:.1f} MB in `data/world` (model in `model/`, safetensors)
 - exports: `known_facts.json` ({n_known} facts the model gets right, known_1000 schema),
   `counterfact.json` ({n_cases} editing cases, CounterFact schema), `world.json` (summary)
 
-Held-out phrasings are new compositions of familiar parts (an adverb or a sentence frame seen
-with other relations); see `world.json` for every template. Recall is not uniform: phrasings
-built only from parts trained with the same object type transfer well, while a held-out word
-frame never seen with that subject type (e.g. "the profession of {{}} is", the city -> country
-held-outs) can fail completely; check the per-relation table above.
-
+{heldout_note(world)}
 ## Reproduce
 
     python -m kvlab.world train --seed {cfg['seed']}     # trains, evaluates, exports, rewrites this card
@@ -125,14 +145,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
     ap.add_argument("--world", type=int, default=None, choices=(1, 2),
-                    help="world version (train: 1 = the shipped model's, 2 = unique last names..., see "
-                         "kvlab.world.generator; eval/export: default read from the model's train_stats.json)")
+                    help="world version (train: 2 = the shipped model's, the default; 1 = the first shipped "
+                         "model's, see kvlab.world.generator; eval/export: default read from the model's "
+                         "train_stats.json)")
     ap.add_argument("--eval-every", type=int, default=0, help="print sampled recall every N steps")
     a = ap.parse_args(argv)
     out = a.out or WORLD_DIR
     model_dir = a.model or out / "model"
     if a.cmd == "train":
-        cfg = TrainConfig(seed=a.seed, **(V2 if a.world == 2 else {}), **(QUICK if a.quick else {}))
+        cfg = TrainConfig(seed=a.seed, **(V1 if a.world == 1 else {}), **(QUICK if a.quick else {}))
         if a.steps:
             cfg.steps = a.steps
         world = build_world(a.seed, version=cfg.world_version)

@@ -11,7 +11,8 @@ Every answer (object) is a single word, so it is a single token of the word-leve
 tokenizer and "did the model recall the fact" is one greedy next-token check.
 People have two-word names (first + last), so the first and the last subject token differ.
 
-Two versions of the world (``build_world(seed, version=...)``); the shipped model is trained on 1:
+Two versions of the world (``build_world(seed, version=...)``); the shipped model is trained on 2
+(:data:`VERSION`, the default), version 1 is the first shipped model's (``train --world 1``):
 
 - **1**: names drawn from 40 first x 40 last names, so a last name is shared by ~6 people and
   neither name token alone says who is meant;
@@ -320,18 +321,21 @@ class World:
         }
 
 
+VERSION = 2     # the world the shipped model (data/world/model) is trained on
+
+
 def _check_version(version: int) -> int:
     if version not in (1, 2):
         raise ValueError(f"world version must be 1 or 2, got {version!r}")
     return version
 
 
-def relations_of(version: int = 1) -> dict[str, Relation]:
+def relations_of(version: int = VERSION) -> dict[str, Relation]:
     """The relations (and their phrasings) of world ``version``."""
     return RELATIONS if _check_version(version) == 1 else RELATIONS_V2
 
 
-def lexicon(version: int = 1) -> str:
+def lexicon(version: int = VERSION) -> str:
     """Text containing every word world ``version`` can ever produce (for building the vocabulary)."""
     last = LAST_NAMES if _check_version(version) == 1 else LAST_NAMES_V2
     words = FIRST_NAMES + last + CITIES + COUNTRIES + LANGUAGES + OCCUPATIONS + EMPLOYERS + SPORTS
@@ -345,11 +349,11 @@ def lexicon(version: int = 1) -> str:
     return " ".join(parts)
 
 
-def build_world(seed: int = 0, n_people: int = 250, version: int = 1) -> World:
+def build_world(seed: int = 0, n_people: int = 250, version: int = VERSION) -> World:
     """Deterministic world for ``seed``: who is born where, works as what, plays what...
 
-    ``version`` 1 (the shipped model's) or 2 (unique last names, rebuilt held-out phrasings; see the
-    module docstring).
+    ``version`` 2 (the shipped model's, the default: unique last names, rebuilt held-out phrasings) or
+    1 (the first shipped model's); see the module docstring.
 
     Same seed, same world; a different seed gives a different assignment of facts
     (the inventories of names and places are fixed, so the vocabulary is the same).

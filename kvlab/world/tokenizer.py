@@ -45,10 +45,11 @@ def build_tokenizer(text: str):
                                    clean_up_tokenization_spaces=False)
 
 
-def world_tokenizer(version: int = 1):
-    """The tokenizer for any world of ``version`` (the vocabulary does not depend on the seed)."""
-    from .generator import lexicon
-    return build_tokenizer(lexicon(version))
+def world_tokenizer(version: int | None = None):
+    """The tokenizer for any world of ``version`` (default: the shipped model's; the vocabulary does
+    not depend on the seed)."""
+    from .generator import VERSION, lexicon
+    return build_tokenizer(lexicon(VERSION if version is None else version))
 
 
 # The class name written to tokenizer_config.json: one that transformers 4 and 5 both load (5 writes its
