@@ -44,9 +44,11 @@ from .covariance import key_covariance, solve
 PAPER_LAYERS = {"gpt2-xl": 17, "gpt2-large": 12, "gpt2-medium": 8, "gpt-j-6b": 5, "gpt-j": 5}
 # The built-in model (6 layers, layer 0's FFN empty): causal tracing puts the MLP effect at the last
 # subject token in layer 1 (notebook 05), and ROME edits there. ROME's GPT-2 XL budget for v* (20 Adam
-# steps at lr 0.5) stops short on it (ES 86, PS 67 on 50 CounterFact rewrites: Adam moves δ by about
-# lr·√d per step and d is 128, not 1600), so it gets 40 steps at lr 1.0 (ES 96, PS 79, NS 98.8), as
-# ROME's own code sets v* hyperparameters per model. data/world/README.md has both.
+# steps at lr 0.5) stops short on it (ES 85, PS 63.5 on 100 CounterFact rewrites). The shortfall is in
+# steps, not in how far δ must go: 80 steps at lr 0.5 end with the same ‖δ‖ and ES 97. Adam moves δ by
+# about lr·√d per step, and d is 128, not 1600 (benchmarks/bench_edit_limits.py). So it gets 40 steps at
+# lr 1.0 (ES 97, PS 77, NS 98.9), as ROME's own code sets v* hyperparameters per model.
+# data/world/README.md has all of these.
 WORLD_CONFIG = dict(layer=1, v_steps=40, v_lr=1.0)
 START_WORDS = ("The", "Therefore", "Because", "I", "You")  # ROME's prompts for generating prefixes
 
