@@ -203,6 +203,7 @@ def wrap(model: nn.Module, roles: str | Sequence[str], r: int = QIU["r"], alpha:
     default a deep copy is wrapped and ``model`` (e.g. the one ``kvlab.load()`` returned)
     stays exactly as it was. With ``copy_model=False`` (big models on a small GPU) the
     model itself is wrapped: call :func:`unload` afterwards to get it back bit-for-bit.
+    The LoRA matrices are float32 whatever the model's dtype (peft's ``autocast_adapter_dtype``).
     """
     from peft import get_peft_model
 
@@ -216,7 +217,9 @@ def wrap(model: nn.Module, roles: str | Sequence[str], r: int = QIU["r"], alpha:
     wanted = set(target_modules(model, roles, layers))  # peft may shorten a long list to suffixes
     base = copy.deepcopy(model) if copy_model else model
     with _seeded(seed, model_device(model)):  # LoRA's A is randomly initialised
-        peft_model = get_peft_model(base, cfg)
+        # float32 adapters on a float16/bfloat16 model (peft's default from 0.12 on, said here on purpose): they
+        # are the optimiser's master weights in lora_train.train (kvlab.precision)
+        peft_model = get_peft_model(base, cfg, autocast_adapter_dtype=True)
     wrapped = set(lora_modules(peft_model))
     if wrapped != wanted:
         raise RuntimeError(f"peft adapted {sorted(wrapped ^ wanted)} unexpectedly (wanted {len(wanted)} modules)")

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import model_device
+from .precision import MixedPrecision, compute_dtype
 from .text import ensure_pad, token_ids
 
 
@@ -151,7 +152,10 @@ def train(model: nn.Module, tok, train_set: Sequence[Example], eval_set: Sequenc
         raise ValueError("the model has no trainable parameters: wrap it with kvlab.lora.wrap first")
     eval_set = eval_set or []
     items, device = _tokenize(tok, train_set), model_device(model)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # float16/bfloat16 trainables: AdamW steps float32 masters; a float16 model scales the loss (kvlab.precision).
+    # peft's adapters are float32 already (autocast_adapter_dtype): they are their own masters.
+    prec = MixedPrecision(params, compute_dtype(model), where="lora_train.train")
+    opt = torch.optim.AdamW(prec.masters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = torch.Generator().manual_seed(cfg.seed)
     h = History(trainable=sum(p.numel() for p in params))
 
@@ -173,25 +177,25 @@ def train(model: nn.Module, tok, train_set: Sequence[Example], eval_set: Sequenc
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
     bar = tqdm(total=cfg.epochs * n_steps, desc="LoRA", disable=not cfg.progress, leave=False)
-    for epoch in range(cfg.epochs):
-        model.train()
-        t0, losses = time.perf_counter(), []
-        order = torch.randperm(len(items), generator=rng).tolist()
-        for i in range(0, len(order), cfg.batch_size):
-            batch = collate(tok, [items[j] for j in order[i:i + cfg.batch_size]], device)
-            loss, _ = answer_loss(model, *batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        h.epoch_seconds.append(time.perf_counter() - t0)
-        h.step_loss += losses
-        model.eval()
-        log_eval(sum(losses) / len(losses))
+    with prec:
+        for epoch in range(cfg.epochs):
+            model.train()
+            t0, losses = time.perf_counter(), []
+            order = torch.randperm(len(items), generator=rng).tolist()
+            for i in range(0, len(order), cfg.batch_size):
+                batch = collate(tok, [items[j] for j in order[i:i + cfg.batch_size]], device)
+                loss, _ = answer_loss(model, *batch)
+                prec.backward(loss, again=lambda b=batch: answer_loss(model, *b)[0])
+                torch.nn.utils.clip_grad_norm_(prec.masters, cfg.max_grad_norm)
+                prec.step(opt)
+                sched.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            h.epoch_seconds.append(time.perf_counter() - t0)
+            h.step_loss += losses
+            model.eval()
+            log_eval(sum(losses) / len(losses))
     bar.close()
     return h
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..arch import adapter
+from ..precision import MixedPrecision, compute_dtype
 from ..text import pad_rows, prompt_ids, token_ids
 from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .rome import check_finite, check_number, check_template, default_layer
@@ -74,6 +75,8 @@ def finetune_edit(model, tok, request: EditRequest | dict, target: str = "values
     ``overrides`` set :class:`FTConfig` fields (``steps=50, lr=1e-3, norm_constraint=5e-4``) of a copy
     of ``config``; they are checked up front (:meth:`FTConfig.validate`). ``layers``: None for the
     default, else a non-empty list (repeats count once). A NaN/inf loss raises and restores the weights.
+    float16/bfloat16 weights are trained through float32 master copies, with loss scaling in float16
+    (:class:`kvlab.precision.MixedPrecision`); the edited weights keep the model's dtype.
     Returns a :class:`WeightEdit` whose ``info`` has the loss curve and final p(new).
     """
     if not isinstance(request, EditRequest):
@@ -101,33 +104,29 @@ def finetune_edit(model, tok, request: EditRequest | dict, target: str = "values
     b_idx = torch.arange(len(rows), device=ids.device)[:, None]
 
     params = [model.get_parameter(n) for n in names]
-    flags = [p.requires_grad for p in params]
+    # float16/bfloat16 weights: Adam steps float32 masters, float16 scales the loss (kvlab.precision)
+    prec = MixedPrecision(params, compute_dtype(model), where="finetune_edit")
     curve = []
+
+    def loss_fn():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        lp = logits[b_idx, pos_t].log_softmax(-1)                   # (n, n_tgt, vocab)
+        return -lp.gather(-1, tgt_t[..., None])[..., 0].mean()
+
     with recording(model, names, method=f"FT-{target}") as edit:
-        originals = [p.detach().clone() for p in params]
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-        try:
-            for p in params:
-                p.requires_grad_(True)
-            with torch.enable_grad():
-                for step in range(cfg.steps + 1):
-                    logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                    lp = logits[b_idx, pos_t].log_softmax(-1)                   # (n, n_tgt, vocab)
-                    nll = -lp.gather(-1, tgt_t[..., None])[..., 0].mean()
-                    curve.append(float(check_finite(nll.detach(), f"finetune_edit: the loss at step {step}")))
-                    if step == cfg.steps or curve[-1] < cfg.early_stop:
-                        break
-                    opt.zero_grad()
-                    nll.backward()
-                    opt.step()
-                    if cfg.norm_constraint is not None:
-                        with torch.no_grad():
-                            for p, p0 in zip(params, originals):
-                                p.copy_(torch.clamp(p, p0 - cfg.norm_constraint, p0 + cfg.norm_constraint))
-        finally:
-            for p, f in zip(params, flags):
-                p.requires_grad_(f)
-                p.grad = None
+        bounds = None
+        if cfg.norm_constraint is not None:    # FT+L: the box ‖W − W₀‖∞ ≤ ε, in float32
+            eps = cfg.norm_constraint
+            bounds = [(w0 - eps, w0 + eps) for w0 in (p.detach().float() for p in params)]
+        opt = torch.optim.Adam(prec.masters, lr=cfg.lr)
+        with prec, torch.enable_grad():        # requires_grad and .grad restored on exit, also on error
+            for step in range(cfg.steps + 1):
+                nll = loss_fn()
+                curve.append(float(check_finite(nll.detach(), f"finetune_edit: the loss at step {step}")))
+                if step == cfg.steps or curve[-1] < cfg.early_stop:
+                    break
+                prec.backward(nll, again=loss_fn)
+                prec.step(opt, bounds)
     edit.info = dict(target=target, layers=layers, loss=curve, nll=curve[-1], p_new=math.exp(-curve[-1]),
                      steps=len(curve) - 1, request=request)
     return edit

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..arch import adapter, model_device
 from ..hooks import capture, patch
 from ..loading import hub_name, is_builtin
+from ..precision import MixedPrecision, compute_dtype
 from ..text import pad_rows, prompt_ids, right_padded, subject_token_range, token_ids
 from .base import EditRequest, WeightEdit, configure, param_name, recording
 from .covariance import key_covariance, solve
@@ -240,7 +241,8 @@ def compute_value(model, tok, request: EditRequest, layer: int, templates: list[
     template (and of the KL prompt). Loss = mean NLL of ``target_new`` over the templates
     + ``kl_factor`` · KL(p_δ ‖ p) of the next-token distribution at the subject on
     ``kl_prompt`` + ``weight_decay`` · ‖δ‖²/‖v_init‖²; after each step ‖δ‖ ≤ clamp·‖v_init‖.
-    ``log`` (a dict) receives the loss curve and the final NLL / probability.
+    ``log`` (a dict) receives the loss curve and the final NLL / probability. δ is float32 in any
+    dtype; in a float16 model the loss is scaled (:class:`kvlab.precision.MixedPrecision`).
     """
     for name, value, low, strict in (("steps", steps, 1, False), ("lr", lr, 0, True), ("clamp", clamp, 0, True),
                                      ("kl_factor", kl_factor, 0, False), ("weight_decay", weight_decay, 0, False),
@@ -274,7 +276,9 @@ def compute_value(model, tok, request: EditRequest, layer: int, templates: list[
         kl_ref = logits0[n_rw:][torch.arange(len(rows) - n_rw), s_idx[n_rw:]].float().log_softmax(-1)
 
     delta = torch.zeros(arch.d_model, device=dev, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
+    # δ is float32, but its gradient flows back through the model: loss scaling in float16 (kvlab.precision)
+    prec = MixedPrecision([delta], compute_dtype(model), where="compute_value")
+    opt = torch.optim.Adam(prec.masters, lr=lr)
     max_norm = clamp * v_init.norm()
 
     def add_delta(out):  # out: (n_rows, seq, d_model)
@@ -282,24 +286,26 @@ def compute_value(model, tok, request: EditRequest, layer: int, templates: list[
         out[b_idx, s_idx] = out[b_idx, s_idx] + delta.to(out.dtype)
         return out
 
+    def objective():
+        with patch(module, add_delta):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logp = logits[:n_rw].log_softmax(-1)                            # (n_rw, seq, vocab)
+        tok_lp = logp[torch.arange(n_rw, device=dev)[:, None], pos, tgt_t]  # (n_rw, n_tgt)
+        nll = -tok_lp.mean(1).mean()
+        kl_lp = logits[n_rw:][torch.arange(len(rows) - n_rw, device=dev), s_idx[n_rw:]].log_softmax(-1)
+        kl = F.kl_div(kl_ref, kl_lp, log_target=True, reduction="batchmean")  # KL(p_δ ‖ p)
+        wd = weight_decay * delta.pow(2).sum() / v_init.pow(2).sum()
+        return nll + kl_factor * kl + wd, nll, kl
+
     curve = []
-    with torch.enable_grad():
+    with prec, torch.enable_grad():
         for step in range(steps + 1):
-            with patch(module, add_delta):
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            logp = logits[:n_rw].log_softmax(-1)                            # (n_rw, seq, vocab)
-            tok_lp = logp[torch.arange(n_rw, device=dev)[:, None], pos, tgt_t]  # (n_rw, n_tgt)
-            nll = -tok_lp.mean(1).mean()
-            kl_lp = logits[n_rw:][torch.arange(len(rows) - n_rw, device=dev), s_idx[n_rw:]].log_softmax(-1)
-            kl = F.kl_div(kl_ref, kl_lp, log_target=True, reduction="batchmean")  # KL(p_δ ‖ p)
-            wd = weight_decay * delta.pow(2).sum() / v_init.pow(2).sum()
-            loss = nll + kl_factor * kl + wd
+            loss, nll, kl = objective()
             curve.append(float(loss.detach()))
             if step == steps or float(nll.detach()) < early_stop:
                 break
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            prec.backward(loss, again=lambda: objective()[0])
+            prec.step(opt)
             with torch.no_grad():
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
