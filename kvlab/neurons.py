@@ -257,23 +257,39 @@ def attribute(model, tok, prompt: str, answer: str, layers: int | Sequence[int] 
             return fn
 
         with torch.enable_grad(), patch({arch.value_module(l): put(l) for l in rows}, what="input"):
-            p = answer_logprob(model(**rep.inputs()).logits, rep).exp()   # (R,)
-            grads = torch.autograd.grad(p.sum(), [leaves[l] for l in rows])
-        for l, g in zip(rows, grads):
-            grad_sum[l] += g.float().sum(0)
+            logp = answer_logprob(model(**rep.inputs()).logits, rep)      # (R,) float32
+            grads = torch.autograd.grad(logp.sum(), [leaves[l] for l in rows])
+        p = logp.detach().exp()                                           # (R,)
+        for l, g in zip(rows, grads):   # ∂p/∂m = p · ∂log p/∂m (see _grad_p)
+            grad_sum[l] += _grad_p(g, p[rows[l]]).sum(0)
 
     scores = m_clean.float() * grad_sum / steps                # (n_layers, d_ff)
     return Attribution(prompt, answer, ls, scores.cpu(), m_clean.float().cpu(), p_full,
                        _zero_layer_probs(model, batch, arch, ls), steps, pos)
 
 
-def _answer_probs(logits: torch.Tensor, answer_ids: list[int], first: int) -> torch.Tensor:
-    """p(answer) per row, teacher-forced, from logits (rows, m, vocab) whose position ``first`` predicts the
-    first answer token -> (rows,)."""
+def _answer_logprobs(logits: torch.Tensor, answer_ids: list[int], first: int) -> torch.Tensor:
+    """log p(answer) per row, teacher-forced, from logits (rows, m, vocab) whose position ``first`` predicts the
+    first answer token -> (rows,), float32."""
     k = len(answer_ids)
     logp = torch.log_softmax(logits[:, first:first + k].float(), dim=-1)    # (rows, k, vocab)
     ans = torch.tensor(answer_ids, device=logits.device)
-    return logp[:, torch.arange(k, device=logits.device), ans].sum(-1).exp()
+    return logp[:, torch.arange(k, device=logits.device), ans].sum(-1)
+
+
+def _answer_probs(logits: torch.Tensor, answer_ids: list[int], first: int) -> torch.Tensor:
+    """p(answer) per row (see :func:`_answer_logprobs`) -> (rows,)."""
+    return _answer_logprobs(logits, answer_ids, first).exp()
+
+
+def _grad_p(grad_logp: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """∂p/∂m = p · ∂log p/∂m, in float32: grad_logp (rows, d_ff) in the model's dtype, p (rows,).
+
+    The backward pass runs on log p, whose gradients are of order one, and the factor p is applied in
+    float32 afterwards: gradients of p itself are of order p, and a small p (a multi-token answer,
+    a random model) makes them underflow to zero in float16 (smallest normal 6e-5).
+    """
+    return grad_logp.float() * p.float()[:, None]
 
 
 def _attribute_cached(model, batch: AnswerBatch, arch, prompt: str, answer: str, ls: list[int], steps: int,
@@ -316,20 +332,22 @@ def _attribute_cached(model, batch: AnswerBatch, arch, prompt: str, answer: str,
         leaves = {l: (torch.tensor(a, dtype=m_clean.dtype, device=m_clean.device)[:, None] * m_clean[l])
                   .requires_grad_(True) for l, a in alphas.items()}           # layer -> (rows_l, d_ff)
         h = None                                                             # (rows so far, seq - start, d)
+        first = {}                                                           # layer -> its first row
         with torch.enable_grad():
             for k in range(min(alphas), L):
                 if k in leaves:                                              # rows of layer k join here
                     x = runner.inputs[k][:, start:].expand(len(alphas[k]), -1, -1)
-                    r0 = 0 if h is None else h.shape[0]
+                    r0 = first[k] = 0 if h is None else h.shape[0]
                     h = x.contiguous() if h is None else torch.cat([h, x])
                     with patch(arch.value_module(k), put(leaves[k], r0), what="input"):
                         h = runner.run(k, h, start)
                 else:
                     h = runner.run(k, h, start)
             q = pos - start
-            p = _answer_probs(arch.unembed(arch.final_norm(h[:, q:q + len(ans)])), ans, 0)   # (rows,)
-            grads = torch.autograd.grad(p.sum(), list(leaves.values()))
-        return p.detach(), dict(zip(leaves, grads))
+            logp = _answer_logprobs(arch.unembed(arch.final_norm(h[:, q:q + len(ans)])), ans, 0)   # (rows,)
+            grads = torch.autograd.grad(logp.sum(), list(leaves.values()))
+        p = logp.detach().exp()
+        return p, {l: _grad_p(g, p[first[l]:first[l] + g.shape[0]]) for l, g in zip(leaves, grads)}
 
     # per layer the S midpoints α_k = (k - ½)/S, then α = 0 (p with the layer's m zeroed: the
     # baseline of completeness), whose gradient is not used

@@ -1,14 +1,35 @@
-"""Knowledge neurons: IG completeness on every family, refinement, interventions, baselines."""
+"""Knowledge neurons: IG completeness on every family, refinement, interventions, baselines.
+
+Numerics. The equivalence tests (cached = plain integrated gradients, any batch size) run the tiny models in
+float64: the two paths' matrix shapes, and the kernels the CPU picks for them (AVX-512, AVX2, default), then
+change the gradients only at the 1e-15 level. kvlab accumulates the attribution in float32 (and reads p from a
+float32 softmax), so the bound is 64 float32 ulps of the compared values' scale (:func:`rel_tol`). In float32
+the paths differed by 15 ulps on an AMD EPYC (AVX-512 and AVX2 kernels alike) against a bound of 8.
+tests/test_devices.py runs the comparison in float16, bfloat16 and float32, on any device.
+"""
 import random
 
 import pytest
 import torch
 
-from kvlab import memory, neurons as N
+from kvlab import checks, memory, neurons as N
 from kvlab.testing import FAMILIES, cache_ignored, tiny
 from kvlab.text import encode, token_ids
 
 PROMPT, ANSWER = "anna berg lives in", "paris"
+
+
+def tiny64(family, **sizes):
+    """A tiny model of ``family`` in float64 (see the module docstring)."""
+    model, tok, arch = loaded = tiny(family, **sizes)
+    model.double()
+    return loaded
+
+
+def rel_tol(scale) -> float:
+    """64 float32 ulps of ``scale`` (the attribution and p are float32 results, whatever the model's dtype)."""
+    scale = float(scale.abs().max()) if torch.is_tensor(scale) else abs(float(scale))
+    return checks.tolerance(torch.float32, 1.0) * scale
 
 
 @pytest.fixture(autouse=True)
@@ -44,17 +65,34 @@ def test_ig_multi_token_answer_and_batching(family):
     assert a.layers == [0, 2] and torch.all(a.scores[1] == 0) and torch.isnan(a.p_baseline[1])
     dp = (a.p_full - a.p_baseline[[0, 2]]).abs().max().item()
     assert a.completeness_error().abs().max().item() <= 0.01 * dp + 1e-12
+    model.double()
     one = N.attribute(model, tok, PROMPT, ANSWER, steps=6, batch_size=1)
     many = N.attribute(model, tok, PROMPT, ANSWER, steps=6, batch_size=7)   # chunks straddle layers
-    torch.testing.assert_close(one.scores, many.scores, atol=1e-9, rtol=1e-5)
+    assert (one.scores - many.scores).abs().max() <= rel_tol(one.scores)
+
+
+def test_ig_of_a_small_probability_in_float16():
+    """p of a multi-token answer of a random model is ~1e-10: gradients of p (of order p) underflow in
+    float16, and the attribution came out all zero (completeness error = the whole of p_full − p_baseline).
+    kvlab differentiates log p and multiplies by p in float32: complete, and float32's attribution up to
+    float16's rounding (64 ulps)."""
+    model, tok, arch = tiny("gpt2")
+    a32 = N.attribute(model, tok, PROMPT, "the city of rome", steps=20)
+    a16 = N.attribute(model.half(), tok, PROMPT, "the city of rome", steps=20)
+    assert a16.p_full < 1e-8                                   # gradients of p would be below float16's range
+    dp = (a16.p_full - a16.p_baseline).abs().max().item()
+    bound = checks.tolerance(torch.float16, 1.0)               # 0.0625: relative
+    assert a16.completeness_error().abs().max().item() <= bound * dp
+    assert (a16.scores - a32.scores).abs().max() <= bound * a32.scores.abs().max()
 
 
 def _assert_same_attribution(fast, plain):
     scale = float(plain.scores.abs().max())
     assert scale > 0                                           # the attributions are not all zero
-    assert float((fast.scores - plain.scores).abs().max()) <= 1e-6 * scale
-    assert fast.p_full == pytest.approx(plain.p_full, abs=1e-6)
-    torch.testing.assert_close(fast.p_baseline, plain.p_baseline, atol=1e-6, rtol=0, equal_nan=True)
+    assert float((fast.scores - plain.scores).abs().max()) <= rel_tol(scale)
+    assert fast.p_full == pytest.approx(plain.p_full, abs=rel_tol(plain.p_full))
+    torch.testing.assert_close(fast.p_baseline, plain.p_baseline, atol=rel_tol(plain.p_baseline.nan_to_num()),
+                               rtol=0, equal_nan=True)
     torch.testing.assert_close(fast.activations, plain.activations, atol=0, rtol=0)
     assert (fast.layers, fast.steps, fast.position) == (plain.layers, plain.steps, plain.position)
 
@@ -64,7 +102,7 @@ def test_cached_ig_equals_plain(family, recwarn):
     """Rows start at their layer from the clean input and compute only the last positions: same attribution
     as the whole model on the whole sequence (one- and multi-token answers, layer subsets, chunks that
     straddle layers), on every family, with no fallback warning."""
-    model, tok, arch = tiny(family)
+    model, tok, arch = tiny64(family)
     for answer, layers, bs in [(ANSWER, None, 128), ("the city of rome", [0, 2], 7), (ANSWER, [1, 2], 5)]:
         fast = N.attribute(model, tok, PROMPT, answer, layers=layers, steps=6, batch_size=bs)
         plain = N.attribute(model, tok, PROMPT, answer, layers=layers, steps=6, batch_size=bs, method="plain")
@@ -75,7 +113,7 @@ def test_cached_ig_equals_plain(family, recwarn):
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
 def test_cached_ig_equals_plain_sdpa(family):
     """sdpa blocks get no mask: the cut rows must still attend causally to the cached positions."""
-    model, tok, arch = tiny(family)
+    model, tok, arch = tiny64(family)
     model.set_attn_implementation("sdpa")
     _assert_same_attribution(N.attribute(model, tok, "the queen of anna berg lives in", ANSWER, steps=4),
                              N.attribute(model, tok, "the queen of anna berg lives in", ANSWER, steps=4,
@@ -85,7 +123,7 @@ def test_cached_ig_equals_plain_sdpa(family):
 def test_cached_ig_without_split_is_exact_and_loud():
     """Blocks whose attention ignores the cache: every position is computed (rows still start at their
     layer), the attribution is the same, and a RuntimeWarning says why it is slower."""
-    model, tok, arch = tiny("gpt2")
+    model, tok, arch = tiny64("gpt2")
     with cache_ignored(arch.attn(0)):   # attention that never fills the cache
         with pytest.warns(RuntimeWarning, match="never called update"):
             fast = N.attribute(model, tok, PROMPT, ANSWER, steps=4)

@@ -1,8 +1,15 @@
-"""Causal tracing: the fast tracer against a slow, one-cell-per-forward reference, on every family."""
+"""Causal tracing: the fast tracer against a slow, one-cell-per-forward reference, on every family.
+
+Numerics. The equivalence tests (fast = reference) run the tiny models in float64, so that the two paths'
+different matrix shapes (and the kernels the CPU picks for them: AVX-512, AVX2, default) change the network's
+output only at the 1e-15 level. What is compared, p(answer), kvlab takes from a float32 softmax (as the
+reference does), so the bound is 64 float32 ulps of p's size: :func:`tol` (tests/test_devices.py runs the
+same comparisons in float16, bfloat16 and float32, on any device, with bounds from those dtypes).
+"""
 import pytest
 import torch
 
-from kvlab import tracing
+from kvlab import checks, tracing
 from kvlab.arch import adapter
 from kvlab.hooks import capture, patch
 from kvlab.testing import FAMILIES, bpe_tokenizer, cache_ignored, tiny
@@ -11,12 +18,25 @@ from kvlab.text import encode, subject_token_range
 PROMPT, SUBJECT = "of anna berg is in", "anna berg"
 
 
+def tiny64(family, **sizes):
+    """A tiny model of ``family`` in float64 (see the module docstring)."""
+    model, tok, arch = loaded = tiny(family, **sizes)
+    model.double()
+    return loaded
+
+
+def tol(scale: float = 1.0) -> float:
+    """Bound for p(answer) computed two ways on a float64 model: 64 float32 ulps of max(1, scale)."""
+    return checks.tolerance(torch.float32, scale)
+
+
 # ----------------------------------------------------------------------------- reference
 @torch.no_grad()
 def reference_trace(model, tok, prompt, subject, kind, noise, eps, window=10, answer_id=None):
     """The obvious method: one full forward pass per (token, layer) cell, with plain hooks.
 
-    Returns (scores (n, L), low, high, answer_id).
+    Returns (scores (n, L), low, high, answer_id). Any device and dtype: the noise is added in the model's
+    dtype and p(answer) read from a float32 softmax, as kvlab.tracing does.
     """
     arch = adapter(model)
     batch = encode(model, tok, prompt)
@@ -29,17 +49,17 @@ def reference_trace(model, tok, prompt, subject, kind, noise, eps, window=10, an
         logits = model(input_ids=ids, attention_mask=mask).logits[0, -1]
     if answer_id is None:
         answer_id = int(logits.argmax())
-    high = float(logits.softmax(-1)[answer_id])
+    high = float(logits.float().softmax(-1)[answer_id])
 
     def corrupt(x):
         x = x.clone()
-        x[:, b:e] += noise * eps
+        x[:, b:e] += noise * eps.to(x.device, x.dtype)
         return x
 
     def run(restore):
         with patch(arch.embed, corrupt), patch(restore):
             out = model(input_ids=ids.repeat(S, 1), attention_mask=mask.repeat(S, 1)).logits[:, -1]
-        return float(out.softmax(-1)[:, answer_id].mean())
+        return float(out.float().softmax(-1)[:, answer_id].mean())
 
     def put_back(t, c):
         def fn(x):
@@ -63,7 +83,7 @@ def reference_trace(model, tok, prompt, subject, kind, noise, eps, window=10, an
 # ----------------------------------------------------------------------------- equality with the reference
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request):
-    return request.param, tiny(request.param, n_layers=4)
+    return request.param, tiny64(request.param, n_layers=4)
 
 
 @pytest.mark.parametrize("kind", tracing.KINDS)
@@ -75,27 +95,27 @@ def test_fast_equals_reference(family_model, kind):
     fast = tracing.trace(model, tok, PROMPT, SUBJECT, kind=kind, noise=0.5, samples=4, window=window, eps=eps)
     ref, low, high, ans = reference_trace(model, tok, PROMPT, SUBJECT, kind, 0.5, eps, window)
     assert fast.answer_id == ans
-    assert fast.high_score == pytest.approx(high, abs=1e-6)
-    assert fast.low_score == pytest.approx(low, abs=1e-6)
+    assert fast.high_score == pytest.approx(high, abs=tol())
+    assert fast.low_score == pytest.approx(low, abs=tol())
     assert fast.scores.shape == ref.shape == (len(fast.tokens), arch.n_layers)
-    assert (fast.scores - ref).abs().max() <= 1e-5, family
+    assert (fast.scores - ref).abs().max() <= tol(), family
     # the restorations must matter somewhere, or the comparison proves nothing
-    assert (ref - low).abs().max() > 1e-4
+    assert (ref - low).abs().max() > 100 * tol()
     # the same through the tracer's other paths: one group per token (every token's rows compute
     # only the positions from it on, earlier keys/values from the cache), and no cache at all
     # (every position computed: the fallback for models whose blocks cannot be cut)
     tr = tracing.Tracer(model, tok, PROMPT, SUBJECT, noise=0.5, samples=4, eps=eps)
     assert tr.split, f"{family}: blocks should run on the last positions only"
     tr.call_tokens = 0
-    assert (tr.trace(kind, window).scores - ref).abs().max() <= 1e-5, family
+    assert (tr.trace(kind, window).scores - ref).abs().max() <= tol(), family
     tr.split = False
-    assert (tr.trace(kind, window).scores - ref).abs().max() <= 1e-5, family
+    assert (tr.trace(kind, window).scores - ref).abs().max() <= tol(), family
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "llama"])
 def test_sdpa_equals_reference(family):
     """sdpa passes blocks no mask (causal by default): the tracer must build one for the last positions."""
-    model, tok, arch = tiny(family, n_layers=4)
+    model, tok, arch = tiny64(family, n_layers=4)
     model.set_attn_implementation("sdpa")
     b, e = subject_token_range(tok, PROMPT, SUBJECT)
     eps = tracing.sample_noise(3, e - b, arch.d_model, seed=4)
@@ -104,26 +124,26 @@ def test_sdpa_equals_reference(family):
     tr.call_tokens = 0
     for kind in tracing.KINDS:
         ref, *_ = reference_trace(model, tok, PROMPT, SUBJECT, kind, 0.5, eps, 3)
-        assert (tr.trace(kind, 3).scores - ref).abs().max() <= 1e-5, (family, kind)
+        assert (tr.trace(kind, 3).scores - ref).abs().max() <= tol(), (family, kind)
 
 
 def test_long_prompt_small_batches_and_any_cells_equal_reference():
     """Subject mid-prompt, several tokens after it; cells split over many batches; arbitrary cell lists."""
-    model, tok, arch = tiny("gpt2", n_layers=5)
+    model, tok, arch = tiny64("gpt2", n_layers=5)
     prompt, subject = "the queen of anna berg was born in the city of", "anna berg"
     b, e = subject_token_range(tok, prompt, subject)
     eps = tracing.sample_noise(3, e - b, arch.d_model, seed=5)
     tr = tracing.Tracer(model, tok, prompt, subject, noise=0.5, samples=3, eps=eps, max_batch=3 * 7)
     for kind in tracing.KINDS:
         ref, low, *_ = reference_trace(model, tok, prompt, subject, kind, 0.5, eps, 4)
-        assert (tr.trace(kind, 4).scores - ref).abs().max() <= 1e-5, kind
+        assert (tr.trace(kind, 4).scores - ref).abs().max() <= tol(), kind
         cells = [(e, 1), (0, 2), (e, 1), (tr.n - 1, 4), (b, 0)]
-        assert torch.allclose(tr.restored(kind, cells, 4), torch.stack([ref[c] for c in cells]), atol=1e-5)
-        assert (ref[:b] - low).abs().max() <= 1e-5    # before the subject nothing changes
+        assert (tr.restored(kind, cells, 4) - torch.stack([ref[c] for c in cells])).abs().max() <= tol()
+        assert (ref[:b] - low).abs().max() <= tol()    # before the subject nothing changes
 
 
 def test_default_window_and_given_answer_equal_reference():
-    model, tok, arch = tiny("gpt2", n_layers=12)
+    model, tok, arch = tiny64("gpt2", n_layers=12)
     b, e = subject_token_range(tok, PROMPT, SUBJECT)
     eps = tracing.sample_noise(3, e - b, arch.d_model, seed=2)
     res = tracing.trace_all_kinds(model, tok, PROMPT, SUBJECT, answer="paris", noise=0.4, samples=3, eps=eps)
@@ -131,8 +151,8 @@ def test_default_window_and_given_answer_equal_reference():
     for kind in ("mlp", "attn"):
         ref, low, high, _ = reference_trace(model, tok, PROMPT, SUBJECT, kind, 0.4, eps, 10, ans)
         assert res[kind].answer_id == ans and res[kind].window == 10
-        assert (res[kind].scores - ref).abs().max() <= 1e-5
-        assert res[kind].low_score == pytest.approx(low, abs=1e-6)
+        assert (res[kind].scores - ref).abs().max() <= tol()
+        assert res[kind].low_score == pytest.approx(low, abs=tol())
 
 
 def test_window_layers_matches_rome():
@@ -146,15 +166,15 @@ def test_window_layers_matches_rome():
 
 # ----------------------------------------------------------------------------- properties
 def test_trace_properties():
-    model, tok, arch = tiny("llama", n_layers=4)
+    model, tok, arch = tiny64("llama", n_layers=4)
     r = tracing.trace(model, tok, PROMPT, SUBJECT, noise=0.5, samples=5)
     b, e = r.subject_range
     n, L = r.scores.shape
     assert r.tokens[b:e] == ["anna", "berg"] or [t.strip() for t in r.tokens[b:e]] == ["anna", "berg"]
     # tokens before the subject are not corrupted: restoring them changes nothing
-    assert torch.allclose(r.scores[:b], torch.full((b, L), r.low_score), atol=1e-5)
+    assert (r.scores[:b] - r.low_score).abs().max() <= tol()
     # restoring the whole last-layer state at the last token gives back the clean prediction
-    assert r.scores[n - 1, L - 1] == pytest.approx(r.high_score, abs=1e-5)
+    assert r.scores[n - 1, L - 1] == pytest.approx(r.high_score, abs=tol())
     assert r.effects.shape == (n, L) and r.total_effect == pytest.approx(r.high_score - r.low_score)
     value, t, l = r.peak()
     assert value == pytest.approx(float(r.effects.max())) and r.effects[t, l] == value
@@ -162,13 +182,13 @@ def test_trace_properties():
 
 
 def test_noise_changes_low_score_and_seed_is_reproducible():
-    model, tok, arch = tiny("gpt2")
+    model, tok, arch = tiny64("gpt2")
     a = tracing.trace(model, tok, PROMPT, SUBJECT, noise=0.5, samples=3, seed=3)
     b = tracing.trace(model, tok, PROMPT, SUBJECT, noise=0.5, samples=3, seed=3)
     c = tracing.trace(model, tok, PROMPT, SUBJECT, noise=0.0, samples=3, seed=3)
     assert torch.equal(a.scores, b.scores)
-    assert c.low_score == pytest.approx(c.high_score, abs=1e-6)   # no noise: corrupted = clean
-    assert abs(a.low_score - a.high_score) > 1e-4
+    assert c.low_score == pytest.approx(c.high_score, abs=tol())   # no noise: corrupted = clean
+    assert abs(a.low_score - a.high_score) > 100 * tol()
 
 
 def test_noise_level_is_three_sigma_of_subject_embeddings():
@@ -216,7 +236,7 @@ def test_average_effects():
         assert avg.effects[kind].shape == (6, 4)
         # the "last token" row is the mean of the per-fact last-token effects
         manual = torch.stack([r[kind].effects[-1] for r in avg.per_fact]).mean(0)
-        assert torch.allclose(avg.effects[kind][5], manual, atol=1e-6)
+        assert (avg.effects[kind][5] - manual).abs().max() <= tol()     # float32 sums of 3 terms
     lows = [r["hidden"].low_score for r in avg.per_fact]
     assert avg.low_score == pytest.approx(sum(lows) / 3)
     value, row, layer = avg.peak("hidden")

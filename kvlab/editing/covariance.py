@@ -11,7 +11,8 @@ Every non-pad token of every text contributes one k. Streamed on the model's dev
 batch's Σ k kᵀ is added to a float64 accumulator there (the batch product itself in float64 on
 a CPU, float32 on a GPU, where float64 matrix products are slow), so no activations travel to
 the host and the only memory beyond a forward pass is C itself (d_ff² · 8 bytes: 0.31 GiB for
-GPT-2 XL). C is returned on the CPU; accumulate one layer at a time and drop what you no longer use.
+GPT-2 XL; Apple's MPS has no float64: there each batch's product goes to an accumulator on the CPU).
+C is returned on the CPU; accumulate one layer at a time and drop what you no longer use.
 
 Cache. C is kept in memory and on disk, keyed by :func:`cache_key`: everything that
 determines C and nothing else —
@@ -341,7 +342,8 @@ def key_covariance(model, tok, layer: int, texts: list[str] | None = None, n: in
     ensure_pad(tok)
     dev = model_device(model)
     product = torch.float64 if dev.type == "cpu" else torch.float32    # one batch's k kᵀ
-    acc = torch.zeros(d_ff, d_ff, dtype=torch.float64, device=dev)     # Σ k kᵀ
+    # Σ k kᵀ in float64 on the model's device; Apple's MPS has no float64: there on the CPU
+    acc = torch.zeros(d_ff, d_ff, dtype=torch.float64, device="cpu" if dev.type == "mps" else dev)
     count = 0
     it = range(0, len(texts), batch_size)
     for i in tqdm(it, desc=f"key covariance L{layer}", disable=not progress, leave=False):
@@ -353,7 +355,8 @@ def key_covariance(model, tok, layer: int, texts: list[str] | None = None, n: in
         with capture(model, {"k": arch.value_module(layer)}, what="input") as st:
             model(input_ids=ids, attention_mask=mask)
         k = st["k"][mask.bool()].to(product)  # (n_tokens, d_ff), on the model's device
-        acc += (k.T @ k).double()
+        kk = k.T @ k                                                   # (d_ff, d_ff)
+        acc += (kk if kk.device == acc.device else kk.cpu()).double()
         count += k.shape[0]
         del st, k
     C = (acc / max(count, 1)).cpu()

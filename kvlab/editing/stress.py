@@ -86,10 +86,15 @@ def _check_counts(counts, n_records: int) -> list[int]:
     return counts
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64 on its device, float32 on Apple's MPS (which has no float64)."""
+    return t.detach().to(torch.float32 if t.device.type == "mps" else torch.float64)
+
+
 def _drift(originals: dict[str, torch.Tensor], model) -> float:
     params = dict(model.named_parameters())
-    num = sum(float((params[n].detach().double() - w.double()).pow(2).sum()) for n, w in originals.items())
-    den = sum(float(w.double().pow(2).sum()) for w in originals.values())
+    num = sum(float((_wide(params[n]) - _wide(w)).pow(2).sum()) for n, w in originals.items())
+    den = sum(float(_wide(w).pow(2).sum()) for w in originals.values())
     return (num / max(den, 1e-30)) ** 0.5
 
 
