@@ -121,8 +121,10 @@ def claim(key: str, text: str, ours, expect: tuple, paper=None, source: str = ""
 
     ``expect``: (op, value), the criterion for "reproduced" (e.g. ``(">", 0.1)``); ``partly``: a
     weaker one for "partly reproduced". ``ref``: a key of :data:`kvlab.reference.PAPER`, which gives
-    ``paper`` and ``source``. ``strict`` (default: True on the built-in model): raise
-    :class:`ClaimNotReproduced` when the claim is not reproduced.
+    ``paper`` and ``source``. ``strict``: raise :class:`ClaimNotReproduced` when the claim is not
+    reproduced. Default: True on the built-in model in float32 (the configuration the claims' criteria were
+    set on), unless ``$KVLAB_CLAIMS_STRICT`` is ``0``, as the course runner sets it for ``--quick`` runs and
+    other dtypes; elsewhere the claim is recorded with its verdict and the run goes on.
     """
     from .loading import hub_name, is_builtin
 
@@ -157,7 +159,8 @@ def claim(key: str, text: str, ours, expect: tuple, paper=None, source: str = ""
     ci_txt = "" if ci is None else f" [95% CI {ci[0]:.4g}, {ci[1]:.4g}" + ("" if n is None else f"; n={n}") + "]"
     print(f"[{verdict}] {key}: {text} — ours {ours:.4g}{ci_txt} (criterion {c.expect}{paper_txt})")
     if strict is None:
-        strict = model is not None and is_builtin(model)
+        strict = (model is not None and is_builtin(model) and _dtype(model) == torch.float32
+                  and os.environ.get("KVLAB_CLAIMS_STRICT", "1") != "0")
     if strict and verdict == VERDICTS[2]:
         raise ClaimNotReproduced(f"claim {key!r} is not reproduced on {name}: {text}; measured {ours:.4g}, "
                                  f"criterion {c.expect}")

@@ -63,6 +63,24 @@ def test_claim_strict_on_builtin_model_only():
     assert checks.claim("t.f", "x", 0.0, (">", 1.0), model=small).verdict == "not reproduced"
 
 
+def test_claim_graded_only_in_float32_and_unless_the_runner_says_not(monkeypatch):
+    """The criteria were set on the built-in model in float32: in float16 / bfloat16 (a GPU's default), and
+    where the course runner sets KVLAB_CLAIMS_STRICT=0 (--quick), a claim is recorded, not raised;
+    strict=True still raises."""
+    import kvlab
+    for dtype in ("float16", "bfloat16"):
+        model = kvlab.load(device="cpu", dtype=dtype).model
+        assert checks.claim("t.g", "x", 0.0, (">", 1.0), model=model).verdict == "not reproduced"
+        with pytest.raises(checks.ClaimNotReproduced):
+            checks.claim("t.g", "x", 0.0, (">", 1.0), model=model, strict=True)
+    model = kvlab.load(device="cpu").model
+    monkeypatch.setenv("KVLAB_CLAIMS_STRICT", "0")
+    assert checks.claim("t.h", "x", 0.0, (">", 1.0), model=model).verdict == "not reproduced"
+    monkeypatch.setenv("KVLAB_CLAIMS_STRICT", "1")
+    with pytest.raises(checks.ClaimNotReproduced):
+        checks.claim("t.h", "x", 0.0, (">", 1.0), model=model)
+
+
 def test_claim_rejects_bad_input():
     with pytest.raises(ValueError, match="expect must be"):
         checks.claim("t.g", "x", 1.0, ("~", 1.0))

@@ -225,3 +225,161 @@ def test_load_shows_no_loading_bar_and_restores_the_setting(capfd):
         assert not hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.enable_progress_bar()
+
+
+def _tiny(folder, name, *sources, params="MODEL = 'x'\nDEVICE = 'cpu'"):
+    """A throwaway course notebook: a parameters cell, then one code cell per source."""
+    folder.mkdir(exist_ok=True)
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    _nb(folder / name, [nbformat.v4.new_markdown_cell("# tiny"), cell,
+                        *(nbformat.v4.new_code_cell(s) for s in sources)])
+    return folder / name
+
+
+def _code_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    return {c.source: c.get("outputs", []) for c in nb.cells if c.cell_type == "code"}
+
+
+@pytest.fixture
+def run_env(monkeypatch):
+    """course.run sets variables for its kernels in os.environ: put them back after the test."""
+    for name in ("KVLAB_CLAIMS", "KVLAB_CLAIMS_STRICT", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_keep_going_reports_every_failing_cell(tmp_path, run_env):
+    """--keep-going runs every cell after an error and reports each failing cell (index in the notebook as
+    written, exception, message, source); without it the notebook stops at its first failure, as before."""
+    import json
+    src = tmp_path / "nbs"
+    _tiny(src, "01_ok.ipynb", "x = 1")
+    _tiny(src, "02_bad.ipynb", "x = 1", "raise ValueError('first <failure>')", "y = 2", "raise KeyError('second')",
+          "print('the end')")
+    for keep_going, out in ((True, tmp_path / "all"), (False, tmp_path / "first")):
+        runs = course.run(out_dir=out, progress=False, html_out=False, folder=src, keep_going=keep_going)
+        ok, bad = runs
+        assert ok.ok and ok.failures == [] and not bad.ok
+        cells = [(f["cell"], f["ename"]) for f in bad.failures]
+        assert cells == ([(3, "ValueError"), (5, "KeyError")] if keep_going else [(3, "ValueError")])
+        assert bad.cell == 3 and "ValueError: first <failure>" in bad.error and "raise ValueError" in bad.error
+        assert bad.failures[0]["source"] == "raise ValueError('first <failure>')"
+        outputs = _code_outputs(out / "02_bad.ipynb")
+        assert bool(outputs["print('the end')"]) == keep_going          # later cells ran only with keep_going
+        assert not any(course.PROBE_TAG in c.metadata.get("tags", [])   # the probe is not in the executed copy
+                       for c in nbformat.read(out / "02_bad.ipynb", as_version=4).cells)
+        times = json.loads((out / "times.json").read_text())
+        assert [[f["ename"] for f in t["failures"]] for t in times] == [[], [e for _, e in cells]]
+        page = (out / "index.html").read_text()
+        assert "first &lt;failure&gt;" in page and ("KeyError" in page) == keep_going
+        assert ("every cell run after a failure" in page) == keep_going
+
+
+def test_main_options(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(course, "run", lambda *a, **kw: seen.update(kw) or [course.NotebookRun("x", 1.0, False)])
+    assert course.main(["run", "--all-errors", "--cell-timeout", "5", "--quick", "--no-grade-claims"]) == 1
+    assert seen == dict(keep_going=True, cell_timeout=5, quick=True, grade_claims=False)
+    assert course.main(["run", "--cell-timeout", "0"]) == 1
+    assert seen == dict(keep_going=False, cell_timeout=None, quick=False, grade_claims=None)
+    with pytest.raises(SystemExit, match="--cell-timeout must be >= 0"):
+        course.main(["run", "--cell-timeout", "-1"])
+
+
+def test_cell_timeout_is_a_failure(tmp_path):
+    """A cell over --cell-timeout is interrupted and reported (CellTimeoutError); with keep_going the next cells
+    run, without it they are skipped. The run does not hang."""
+    import time
+    path = _tiny(tmp_path / "nbs", "01_slow.ipynb", "import time\ntime.sleep(60)", "print('after')")
+    for keep_going in (True, False):
+        t0 = time.perf_counter()
+        r = course.run_notebook(path, tmp_path / f"out{keep_going}", {"MODEL": "m"}, progress=False,
+                                keep_going=keep_going, cell_timeout=2)
+        assert time.perf_counter() - t0 < 30
+        assert not r.ok and [(f["cell"], f["ename"], f["timed_out"]) for f in r.failures] == \
+            [(2, "CellTimeoutError", True)]
+        assert "still running after 2 s" in r.error and "time.sleep(60)" in r.error
+        outputs = _code_outputs(tmp_path / f"out{keep_going}" / path.name)
+        assert bool(outputs["print('after')"]) == keep_going
+        assert any("--cell-timeout" in o.get("text", "") for o in outputs["import time\ntime.sleep(60)"])
+
+
+def test_probe_reports_device_dtype_and_memory(tmp_path):
+    """The runner's probe cell reads the model's device and dtype (and CUDA's peak memory) in the kernel, after a
+    failed cell too, and is removed from the executed notebook; on CPU the index shows "—"."""
+    import torch
+    path = _tiny(tmp_path / "nbs", "01_model.ipynb",
+                 "import torch\nmodel = torch.nn.Linear(4, 4).to(torch.float16)", "raise RuntimeError('late')")
+    r = course.run_notebook(path, tmp_path / "out", {"MODEL": "m", "DEVICE": "cpu"}, progress=False)
+    assert not r.ok and r.failures[0]["ename"] == "RuntimeError"
+    assert (r.device, r.dtype, r.peak_allocated) == ("cpu", "float16", None)
+    text = (tmp_path / "out" / path.name).read_text()
+    assert "KVLAB_PROBE" not in text and "_kvlab_probe" not in text
+    course.write_index([r], tmp_path / "out", "kvlab/world")
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "dtype <code>float16</code>" in page and "<td>—</td>" in page and "device\n<code>cpu</code>" in page
+    gpu = course.NotebookRun("05_x.ipynb", 1.0, True, device="cuda:0 (NVIDIA H200)", dtype="bfloat16",
+                             peak_allocated=2**30, peak_reserved=3 * 2**29)
+    assert course._memory(gpu) == "1.00 / 1.50 GiB"
+    gpu.peak_allocated, gpu.peak_reserved = 37448704, 37748736
+    assert course._memory(gpu) == "36 / 36 MiB"
+    if torch.cuda.is_available():   # on a GPU machine: the kernel's own peak
+        path = _tiny(tmp_path / "nbs", "02_cuda.ipynb", "import torch\nmodel = torch.nn.Linear(1024, 1024).cuda()")
+        r = course.run_notebook(path, tmp_path / "out", {"MODEL": "m"}, progress=False)
+        assert r.ok and r.device.startswith("cuda:0 (") and r.dtype == "float32"
+        assert r.peak_allocated >= 1024 * 1024 * 4 and r.peak_reserved >= r.peak_allocated
+
+
+def _literal_defaults(path):
+    """name -> default value of a notebook's parameters cell."""
+    import ast
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    return {t.id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body
+            if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+
+
+def test_quick_profile_covers_every_notebook_with_smaller_sizes():
+    paths = course.notebooks()
+    sizes = course.quick_parameters(paths)          # every name is declared by its notebook
+    assert set(course.QUICK) == {p.name[:2] for p in paths}
+    for path in paths:
+        defaults = _literal_defaults(path)
+        for name, quick in sizes[path].items():
+            default = defaults[name]
+            if isinstance(quick, list):             # a sweep: >= 2 points, each no larger than the default's
+                assert len(quick) >= 2 and max(quick) < max(default), (path.name, name)
+            elif default is None:                   # a notebook default (e.g. V_STEPS): any small number
+                assert isinstance(quick, int) and quick >= 2, (path.name, name)
+            else:                                   # >= 2 items (an interval, a mean over seeds)
+                assert 2 <= quick < default, (path.name, name, quick, default)
+    with pytest.raises(SystemExit, match="quick profile of 01_.*NOT_THERE not in its parameters cell"):
+        course.quick_parameters(course.notebooks(["01"]), {"01": {"NOT_THERE": 1}})
+
+
+def test_quick_profile_sizes_overrides_and_ungraded_claims(tmp_path, monkeypatch, run_env):
+    """--quick gives each notebook its profile's sizes, -p overrides them, and the kernels run claims ungraded
+    (KVLAB_CLAIMS_STRICT=0), which index.html states; the default run grades them."""
+    import json
+    src = tmp_path / "nbs"
+    show = "import os\nprint('N', N, 'M', M, 'strict', os.environ.get('KVLAB_CLAIMS_STRICT'))"
+    _tiny(src, "01_a.ipynb", show, params="MODEL = 'x'\nDEVICE = 'cpu'\nN = 100\nM = 50")
+    monkeypatch.setattr(course, "QUICK", {"01": {"N": 3, "M": 2}})
+    assert not course.grades_claims(False, {"DTYPE": "float16"}) and not course.grades_claims(True, {})
+    assert course.grades_claims(False, {"DTYPE": "float32"}) and course.grades_claims(False, {}, "cpu")
+    assert not course.grades_claims(False, {}, "cuda")   # auto is float16 on a GPU
+    cases = [(dict(quick=True, extra={"M": 7}), "N 3 M 7 strict 0", False),
+             (dict(), "N 100 M 50 strict 1", True),
+             (dict(quick=True, grade_claims=True), "N 3 M 2 strict 1", True)]
+    for k, (kw, printed, graded) in enumerate(cases):
+        out = tmp_path / f"out{k}"
+        [r] = course.run(out_dir=out, progress=False, html_out=False, folder=src, **kw)
+        assert r.ok, r.error
+        assert printed in "".join(o.get("text", "") for o in _code_outputs(out / "01_a.ipynb")[show])
+        page = (out / "index.html").read_text()
+        assert ("claims recorded, not graded" in page) != graded
+        assert ("quick profile" in page) == bool(kw.get("quick"))
+        parameters = json.loads((out / "times.json").read_text())[0]["parameters"]
+        assert parameters.get("N") == (3 if kw.get("quick") else None)
+    import os
+    assert "KVLAB_CLAIMS_STRICT" not in os.environ      # restored after the run
