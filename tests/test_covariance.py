@@ -94,11 +94,11 @@ def test_parallel_block_attention_does_not_touch_the_key_or_C(family):
     """In a parallel block the FFN reads the block input, so the layer's attention is not in the key."""
     model, tok, arch = tiny(family)
     assert arch.parallel
-    C, key = C_of(model, tok, cache=False), cov.cache_key(model, tok, 1, TEXTS, 128)
+    C, key = C_of(model, tok, cache=False), cov.cache_key(model, tok, 1, TEXTS, None)
     with torch.no_grad():
         for p in arch.attn(1).parameters():
             p.mul_(1.7)
-    assert cov.cache_key(model, tok, 1, TEXTS, 128) == key
+    assert cov.cache_key(model, tok, 1, TEXTS, None) == key
     torch.testing.assert_close(C_of(model, tok, cache=False), C, rtol=0, atol=0)
 
 
@@ -117,11 +117,11 @@ def test_sequential_value_edits_reuse_one_file(fresh_cache):
 
 def test_key_covers_corpus_and_length_but_not_batch_size(fresh_cache):
     model, tok, _ = tiny("gpt2")
-    key = cov.cache_key(model, tok, 1, TEXTS, 128)
-    assert cov.cache_key(model, tok, 1, TEXTS[:-1], 128) != key
-    assert cov.cache_key(model, tok, 1, OTHER, 128) != key
+    key = cov.cache_key(model, tok, 1, TEXTS, None)
+    assert cov.cache_key(model, tok, 1, TEXTS[:-1], None) != key
+    assert cov.cache_key(model, tok, 1, OTHER, None) != key
     assert cov.cache_key(model, tok, 1, TEXTS, 5) != key
-    assert cov.cache_key(model, tok, 2, TEXTS, 128) != key
+    assert cov.cache_key(model, tok, 2, TEXTS, None) != key
     C = C_of(model, tok, batch_size=64)
     # padding is masked: the batch size changes C only by float rounding, so it shares the file. The keys
     # are float32 (from other matrix shapes per batch size): 64 float32 ulps of C's largest entry
@@ -168,16 +168,13 @@ def test_disk_cache_evicts_least_recently_used(fresh_cache, monkeypatch):
     monkeypatch.setenv("KVLAB_CACHE_MAX_MB", str(2.5 * size / 2**20))  # room for two
     A = C_of(model, tok, texts=TEXTS)
     C_of(model, tok, texts=OTHER)
-    fa, fb = (fresh_cache / f"{cov.cache_key(model, tok, 1, t, 128)}.pt" for t in (TEXTS, OTHER))
+    fa, fb = (fresh_cache / f"{cov.cache_key(model, tok, 1, t, None)}.pt" for t in (TEXTS, OTHER))
     os.utime(fa, (100, 100))
     os.utime(fb, (200, 200))                        # B used more recently than A ...
     cov._MEMORY.clear()
     torch.testing.assert_close(C_of(model, tok, texts=TEXTS), A)  # ... until A is read again
     C_of(model, tok, texts=TEXTS[:20])
     assert fa.exists() and not fb.exists() and len(files(fresh_cache)) == 2
-    monkeypatch.setenv("KVLAB_CACHE_MAX_MB", "0")   # 0: no disk cache
-    C_of(model, tok, texts=OTHER[:20])
-    assert files(fresh_cache) == []
     monkeypatch.setenv("KVLAB_CACHE_MAX_MB", "lots")
     with pytest.raises(ValueError, match="KVLAB_CACHE_MAX_MB must be a number"):
         C_of(model, tok, texts=OTHER[:10])
@@ -232,7 +229,7 @@ def test_corrupt_file_is_removed_and_recomputed(fresh_cache, damage):
     with pytest.warns(RuntimeWarning, match="removing"):
         torch.testing.assert_close(C_of(model, tok), C)
     assert "KVLAB_TEST_BOOM" not in os.environ
-    torch.testing.assert_close(torch.load(path, weights_only=True), C)  # rewritten
+    torch.testing.assert_close(torch.load(path, weights_only=True)["C"], C)  # rewritten
     cov._MEMORY.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -317,3 +314,259 @@ def test_left_padding_tokenizer_gives_the_same_C_and_is_restored():
     left = cov.key_covariance(model, tok, 1, texts=texts, cache=False, progress=False)
     assert tok.padding_side == "left"
     assert torch.allclose(left, right, atol=1e-10)
+
+
+# --- state a key cannot see: hooks, a replaced forward, training mode -----------------------
+def _state(kind, model, arch, stack):
+    """Enter one state that changes (or may change) C without changing a weight."""
+    if kind == "kvlab suppress":
+        stack.enter_context(kvlab.neurons.suppress(model, [(0, i) for i in range(40)], positions="all"))
+    elif kind == "someone's pre-hook":
+        h = arch.value_module(0).register_forward_pre_hook(lambda m, a: (a[0] * 2,))
+        stack.callback(h.remove)
+    elif kind == "someone's forward hook":
+        h = arch.mlp(0).register_forward_hook(lambda m, a, out: out * 3)
+        stack.callback(h.remove)
+    elif kind == "global hook":
+        h = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: out * 1.5 if m is arch.mlp(0) else None)
+        stack.callback(h.remove)
+    elif kind == "replaced forward":
+        mlp = arch.mlp(0)
+        forward = mlp.forward
+        mlp.forward = lambda x, *a, **kw: forward(x, *a, **kw) * 2
+        stack.callback(lambda: delattr(mlp, "forward"))
+    else:                                            # training mode: dropout would make C random
+        model.train()
+        stack.callback(model.eval)
+
+
+STATES = ["kvlab suppress", "someone's pre-hook", "someone's forward hook", "global hook", "replaced forward",
+          "training mode"]
+
+
+@pytest.mark.parametrize("kind", STATES)
+def test_hooked_or_training_model_bypasses_both_caches(fresh_cache, kind):
+    """A C computed while a hook is active is the hooked model's: it must neither be served to nor from the
+    plain model's key (it was: every later ROME/MEMIT edit at that layer used it)."""
+    from contextlib import ExitStack
+    model, tok, arch = tiny("gpt2")
+    true = C_of(model, tok, cache=False)
+    with ExitStack() as stack:
+        _state(kind, model, arch, stack)
+        expect = C_of(model, tok, cache=False)          # what the model computes in that state
+        with pytest.warns(RuntimeWarning, match="without the covariance cache"):
+            got = C_of(model, tok)
+        with pytest.warns(RuntimeWarning, match="without the covariance cache"):
+            C_of(model, tok)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    assert files(fresh_cache) == [] and len(cov._MEMORY) == 0   # nothing written
+    if kind != "training mode":                          # the tiny model has no dropout
+        assert not torch.allclose(got, true)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(C_of(model, tok), true, rtol=0, atol=0)
+    assert len(files(fresh_cache)) == 1
+    with ExitStack() as stack:                           # and the plain model's cached C is not served
+        _state(kind, model, arch, stack)
+        with pytest.warns(RuntimeWarning, match="without the covariance cache"):
+            torch.testing.assert_close(C_of(model, tok), expect, rtol=0, atol=0)
+    assert model.training is False and arch.mlp(0)._forward_hooks == {} and "forward" not in vars(arch.mlp(0))
+
+
+def test_builtin_model_suppressed_neurons_do_not_poison_the_cache(fresh_cache):
+    """The reported case: C at layer 2 computed under kvlab.neurons.suppress was served afterwards."""
+    model, tok, arch = kvlab.load(device="cpu")
+    texts = kvlab.world.corpus_texts(n=60, seed=3)
+    with kvlab.neurons.suppress(model, [(1, i) for i in range(100)], positions="all"):
+        with pytest.warns(RuntimeWarning, match="forward hooks are registered on"):
+            C_of(model, tok, 2, texts)
+    torch.testing.assert_close(C_of(model, tok, 2, texts), C_of(model, tok, 2, texts, cache=False),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", ["activation", "norm eps"])
+def test_module_settings_without_parameters_are_in_the_key(change):
+    """Swapping the activation or a norm's eps changes C but no parameter or buffer."""
+    model, tok, arch = tiny("gpt2")
+    C = C_of(model, tok)
+    if change == "activation":
+        setattr(arch.mlp(1), arch.family.act.split(".")[-1], torch.nn.ReLU().eval())
+    else:
+        arch.mlp_norm(1).eps = 0.5
+    assert not torch.allclose(C_of(model, tok, cache=False), C)
+    assert_fresh(model, tok)
+
+
+def test_autocast_is_in_the_key():
+    model, tok, arch = tiny("gpt2")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = C_of(model, tok)
+    assert not torch.allclose(low, C_of(model, tok, cache=False))
+    assert_fresh(model, tok)
+
+
+def test_key_sees_texts_past_the_probe_and_the_truncation_side():
+    model, tok, arch = tiny("gpt2")
+    head = [TEXTS[0]] * 16                           # the tokenizer probe reads only the first 16 texts
+    a, b = WORDS[:2]
+    assert (cov.cache_key(model, tok, 1, head + [a + "\x00", b], None)
+            != cov.cache_key(model, tok, 1, head + [a, "\x00" + b], None))
+    texts = head + [" ".join(WORDS[:12])]
+    C = C_of(model, tok, texts=texts, max_length=5)
+    tok.truncation_side = "left"
+    try:
+        assert not torch.allclose(C_of(model, tok, texts=texts, max_length=5, cache=False), C)
+        torch.testing.assert_close(C_of(model, tok, texts=texts, max_length=5),
+                                   C_of(model, tok, texts=texts, max_length=5, cache=False))
+    finally:
+        tok.truncation_side = "right"
+
+
+def test_C_changed_in_place_after_it_was_returned_is_not_served():
+    model, tok, _ = tiny("gpt2")
+    C = C_of(model, tok)
+    true = C.clone()
+    C.add_(1.0)                                      # the caller changes the tensor the memory cache holds
+    with pytest.warns(RuntimeWarning, match="changed in place"):
+        torch.testing.assert_close(C_of(model, tok), true, rtol=0, atol=0)
+
+
+# --- integrity of the files --------------------------------------------------------------------
+@pytest.mark.parametrize("tamper", ["one entry changed", "another key's file", "a bare matrix"])
+def test_tampered_file_is_detected_removed_and_recomputed(fresh_cache, tamper):
+    import numpy as np
+    model, tok, arch = tiny("gpt2")
+    C = C_of(model, tok)
+    (path,) = files(fresh_cache)
+    if tamper == "one entry changed":               # the bits of one entry, in place: still a valid zip
+        raw, old = path.read_bytes(), C[5, 5].numpy().tobytes()   # C is symmetric: a diagonal entry
+        assert raw.count(old) == 1
+        path.write_bytes(raw.replace(old, np.float64(154_064.0).tobytes()))
+    elif tamper == "another key's file":            # a well-formed file with a right-shaped, wrong C
+        C_of(model, tok, texts=OTHER)
+        (other,) = [p for p in files(fresh_cache) if p != path]
+        path.write_bytes(other.read_bytes())
+    else:
+        torch.save(C * 2, path)
+    cov._MEMORY.clear()
+    with pytest.warns(RuntimeWarning, match=f"removing the covariance cache {re.escape(str(path))}"):
+        torch.testing.assert_close(C_of(model, tok), C, rtol=0, atol=0)
+    cov._MEMORY.clear()                             # rewritten, and sound
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(C_of(model, tok), C, rtol=0, atol=0)
+
+
+# --- max_length and the model's positions ---------------------------------------------------------
+def test_long_texts_are_cut_to_the_models_positions():
+    """The default max_length was 128, beyond the 64 positions of the built-in and tiny models: a text of
+    65-128 tokens raised a bare IndexError from the position embedding."""
+    model, tok, arch = tiny("gpt2", positions=64)
+    long = " ".join(_rng.choice(WORDS) for _ in range(100))
+    ids = tok(long)["input_ids"]
+    assert len(ids) > 64
+    C = C_of(model, tok, texts=[long], cache=False)
+    torch.testing.assert_close(C, C_of(model, tok, texts=[tok.decode(ids[:64])], cache=False))
+    assert torch.equal(C_of(model, tok, texts=[long]), C_of(model, tok, texts=[long], max_length=64))
+    with pytest.raises(ValueError, match=r"max_length=128 exceeds the model's 64 positions \(config.n_positions\)"):
+        C_of(model, tok, texts=[long], max_length=128)
+
+
+def test_builtin_model_takes_a_long_corpus_text():
+    model, tok, arch = kvlab.load(device="cpu")
+    text = " ".join(kvlab.world.corpus_texts(n=20, seed=1))
+    assert 64 < len(tok(text)["input_ids"]) <= 300
+    C = C_of(model, tok, 2, [text], cache=False)
+    assert C.shape == (arch.d_ff, arch.d_ff) and torch.isfinite(C).all()
+
+
+@pytest.mark.parametrize("arg, value, match", [
+    ("max_length", 0, "max_length must be a positive int"),
+    ("max_length", 2.5, "max_length must be a positive int"),
+    ("batch_size", 0, "batch_size must be a positive int"),
+    ("batch_size", -1, "batch_size must be a positive int"),
+    ("n", 0, "n must be a positive int"),
+    ("n", True, "n must be a positive int"),
+    ("texts", "anna berg lives in paris", "texts must be a list of strings, got one str"),
+    ("texts", ["anna berg", 3, "tom"], r"texts\[1\] is a int"),
+])
+def test_bad_arguments_raise_before_the_model_runs(arg, value, match, fresh_cache):
+    model, tok, _ = tiny("gpt2")
+    kw = {"texts": TEXTS, arg: value}
+    with pytest.raises(ValueError, match=match):
+        key_covariance(model, tok, 1, progress=False, **kw)
+    assert files(fresh_cache) == [] and len(cov._MEMORY) == 0
+
+
+# --- the settings -----------------------------------------------------------------------------
+def test_cache_max_mb_0_disables_the_disk_cache_without_deleting_files(fresh_cache, monkeypatch):
+    model, tok, _ = tiny("gpt2")
+    C_of(model, tok, texts=TEXTS)
+    C_of(model, tok, texts=OTHER)
+    before = {p: p.read_bytes() for p in files(fresh_cache)}
+    for p in before:
+        os.utime(p, (100, 100))
+    cov._MEMORY.clear()
+    monkeypatch.setenv("KVLAB_CACHE_MAX_MB", "0")   # the docs: 0 disables the disk cache
+    C_of(model, tok, texts=TEXTS)                   # not read from disk ...
+    C_of(model, tok, texts=TEXTS[:20])              # ... nor written
+    cov.evict()
+    assert {p: p.read_bytes() for p in files(fresh_cache)} == before
+    assert all(p.stat().st_mtime == 100 for p in before)
+
+
+@pytest.mark.parametrize("name", ["KVLAB_CACHE_MAX_MB", "KVLAB_CACHE_MEMORY_MB"])
+@pytest.mark.parametrize("raw", ["lots", "nan", "-1", "1e3MB"])
+def test_bad_cache_setting_raises_naming_it_before_any_work(name, raw, monkeypatch):
+    model, tok, _ = tiny("gpt2")
+    C_of(model, tok)                                # in memory now: the setting is read all the same
+    monkeypatch.setenv(name, raw)
+    calls = []
+    monkeypatch.setattr(type(model), "forward", lambda *a, **kw: calls.append(1))
+    for texts in (TEXTS, OTHER):
+        with pytest.raises(ValueError, match=rf"{name} must be .*{re.escape(repr(raw))}"):
+            C_of(model, tok, texts=texts)
+    assert calls == []
+
+
+# --- never a NaN C --------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["embedding", "key of a lower layer"])
+def test_non_finite_weight_upstream_raises_naming_it(fresh_cache, where):
+    model, tok, arch = tiny("gpt2")
+    name = "transformer.wte.weight" if where == "embedding" else "transformer.h.0.mlp.c_fc.weight"
+    with torch.no_grad():
+        model.get_parameter(name)[3, 2] = float("nan") if where == "embedding" else float("inf")
+    with pytest.raises(ValueError, match=rf"parameter {re.escape(name)} has NaN or inf entries"):
+        C_of(model, tok)
+    assert files(fresh_cache) == [] and len(cov._MEMORY) == 0
+
+
+def test_overflowing_keys_raise_naming_the_layer_and_text(fresh_cache):
+    model, tok, arch = tiny("gpt2")
+    with torch.no_grad():
+        arch.key_matrix(1).mul_(1e38)                # finite weights, infinite activations
+    with pytest.raises(ValueError, match=r"keys of layer 1 are NaN or inf for text 0"):
+        C_of(model, tok)
+    assert files(fresh_cache) == [] and len(cov._MEMORY) == 0
+
+
+def test_non_finite_stats_raise():
+    model, tok, arch = tiny("gpt2")
+    S = torch.eye(arch.d_ff, dtype=torch.float64)
+    S[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="stats for layer 1 have NaN or inf"):
+        key_covariance(model, tok, 1, stats=S)
+
+
+@pytest.mark.parametrize("family", kvlab.testing.FAMILIES)
+def test_key_is_stable_across_forward_passes(family, fresh_cache):
+    """Module settings are in the key: none of them may change by running the model (lazy caches would
+    give a new key, and a new file, on every call)."""
+    model, tok, arch = tiny(family)
+    key = cov.cache_key(model, tok, 1, TEXTS, None)
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 50, (2, 60)))
+    C = C_of(model, tok)
+    assert cov.cache_key(model, tok, 1, TEXTS, None) == key
+    assert C_of(model, tok) is C and [p.stem for p in files(fresh_cache)] == [key]
