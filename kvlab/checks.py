@@ -371,3 +371,88 @@ def summary(prefix: str, findings: Sequence[str] = ()):
     except ImportError:  # pragma: no cover - IPython ships with the notebook dependencies
         return text
     return Markdown(text)
+
+
+# --- argument and output validators (the error contract, CONTRIBUTING.md) ---------------------------------
+
+def number(where: str, name: str, value, low: float | None = None, strict: bool = False,
+           high: float | None = None, high_strict: bool = False, accepted: str = "") -> float:
+    """``value`` as a float if it is a finite real number within the bounds, else ValueError naming ``name``,
+    the value and what is accepted.
+
+    Numbers in any form are accepted: int, float, numpy scalars, one-element tensors and arrays; bools and
+    strings are not. ``low``/``high``: bounds (excluded when ``strict``/``high_strict``). ``accepted``: words
+    added to the message (what the argument means, what else it may be, e.g. "None = 3σ").
+    """
+    x = None
+    if not isinstance(value, (bool, str, bytes)) and value is not None \
+            and not (torch.is_tensor(value) and value.dtype == torch.bool):
+        try:
+            x = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            x = None
+    ok = x is not None and math.isfinite(x)
+    if ok and low is not None:
+        ok = x > low if strict else x >= low
+    if ok and high is not None:
+        ok = x < high if high_strict else x <= high
+    if not ok:
+        need = "a finite number"
+        if low is not None:
+            need += f" {'>' if strict else '≥'} {low:g}"
+        if high is not None:
+            need += f"{' and' if low is not None else ''} {'<' if high_strict else '≤'} {high:g}"
+        shown = f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) and value.numel() != 1 else \
+            repr(value)
+        raise ValueError(f"{where}: {name} must be {need}{f' ({accepted})' if accepted else ''}, got {shown}")
+    return x
+
+
+def integer(where: str, name: str, value, low: int = 1) -> int:
+    """``value`` as an int if it is an integer (numpy/torch integer scalars too, not bool) ≥ ``low``, else
+    ValueError naming ``name`` and the value."""
+    import operator as _op
+    try:
+        i = None if isinstance(value, bool) else _op.index(value)
+    except TypeError:
+        i = None
+    if i is None or i < low:
+        raise ValueError(f"{where}: {name} must be an integer ≥ {low}, got {value!r}")
+    return i
+
+
+def nonfinite_weights(model) -> list[tuple[str, int, tuple[int, ...]]]:
+    """The model's parameters (or, when none is, its floating-point buffers) holding NaN/inf entries:
+    (name, number of such entries, index of the first one). Reads every weight: call it on a failure path."""
+    def scan(named):
+        out = []
+        for name, p in named:
+            if not (p.is_floating_point() or p.is_complex()):
+                continue
+            bad = ~torch.isfinite(p.detach())
+            if bool(bad.any()):
+                first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+                out.append((name, int(bad.sum()), first))
+        return out
+    return scan(model.named_parameters()) or scan(model.named_buffers())
+
+
+def finite_output(model, x: torch.Tensor, where: str, what: str = "the model's output") -> torch.Tensor:
+    """``x`` (a tensor the model computed) if every entry is finite, else ValueError naming the cause: the
+    non-finite weight(s) of ``model`` (found only now, on the failure path), or, when every weight is finite,
+    the dtype whose range the activations leave. Never a silent NaN result."""
+    if bool(torch.isfinite(x.detach()).all()):
+        return x
+    n = int((~torch.isfinite(x.detach())).sum())
+    said = f"{what} is {float(x.detach().reshape(-1)[0])}" if x.numel() == 1 else \
+        f"{n} of the {x.numel()} entries of {what} are NaN/inf"
+    bad = nonfinite_weights(model)
+    if bad:
+        named = "; ".join(f"{name!r} has {k} NaN/inf entr{'y' if k == 1 else 'ies'} (first at index "
+                          f"{list(i)})" for name, k, i in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(f"{where}: {said} because the model's weights are not all finite: {named}{more}; "
+                         f"restore them (undo the edit that wrote them, or reload the model)")
+    dtype = str(_dtype(model)).removeprefix("torch.")
+    raise ValueError(f"{where}: {said} although every weight is finite: the activations "
+                     f"leave the range of {dtype} (use float32 or bfloat16) or an input is not finite")

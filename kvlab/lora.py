@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from . import checks
 from .arch import Adapter, adapter, model_device
 
 ROLE_GROUPS = ("keys", "values", "attention")
@@ -148,6 +149,14 @@ def equal_param_rank(model: nn.Module, roles: str | Sequence[str], n_params: int
     return min((lo, lo + 1), key=lambda r: (abs(r * per_rank - n_params), r))
 
 
+def check_alpha(alpha) -> float:
+    """``alpha`` if it is a finite number > 0 (LoRA scales B·A by alpha / r: 0 switches the adapter off, NaN/inf
+    make every output NaN), else ValueError."""
+    checks.number("lora", "alpha", alpha, 0, strict=True,
+                  accepted="the update B·A is scaled by alpha / r; Qiu et al.: 16")
+    return alpha
+
+
 def _check_rank(r: int) -> None:
     if not isinstance(r, int) or r < 1:
         raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
@@ -158,12 +167,15 @@ def _check_rank(r: int) -> None:
 
 def lora_config(model: nn.Module, roles: str | Sequence[str], r: int = QIU["r"], alpha: float = QIU["alpha"],
                 dropout: float = QIU["dropout"], layers: Iterable[int] | None = None):
-    """A ``peft.LoraConfig`` adapting exactly the modules of ``roles`` (defaults: Qiu et al.)."""
+    """A ``peft.LoraConfig`` adapting exactly the modules of ``roles`` (defaults: Qiu et al.).
+
+    ``alpha``: a finite number > 0 (the update is scaled by alpha / r); ``dropout``: in [0, 1)."""
     from peft import LoraConfig
 
     _check_rank(r)
-    if not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    alpha = check_alpha(alpha)
+    dropout = checks.number("lora_config", "dropout", dropout, 0, high=1, high_strict=True,
+                            accepted="the LoRA dropout probability; Qiu et al.: 0.1")
     arch = adapter(model)
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                       target_modules=target_modules(model, roles, layers), fan_in_fan_out=arch.family.conv1d)
@@ -204,6 +216,8 @@ def wrap(model: nn.Module, roles: str | Sequence[str], r: int = QIU["r"], alpha:
     stays exactly as it was. With ``copy_model=False`` (big models on a small GPU) the
     model itself is wrapped: call :func:`unload` afterwards to get it back bit-for-bit.
     The LoRA matrices are float32 whatever the model's dtype (peft's ``autocast_adapter_dtype``).
+    The peft model comes back in the mode ``model`` is in (eval mode, LoRA dropout off, for ``kvlab.load``'s);
+    :func:`kvlab.lora_train.train` switches dropout on while it trains. ``alpha``: a finite number > 0.
     """
     from peft import get_peft_model
 
@@ -223,7 +237,9 @@ def wrap(model: nn.Module, roles: str | Sequence[str], r: int = QIU["r"], alpha:
     wrapped = set(lora_modules(peft_model))
     if wrapped != wanted:
         raise RuntimeError(f"peft adapted {sorted(wrapped ^ wanted)} unexpectedly (wanted {len(wanted)} modules)")
-    return peft_model
+    # peft's new modules (its wrappers, the LoRA dropout) start in training mode: a model handed over in eval
+    # mode (kvlab.load's) would otherwise come back with dropout on, every forward pass random
+    return peft_model.train(model.training)
 
 
 @contextmanager

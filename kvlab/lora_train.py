@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checks
 from .arch import model_device
 from .precision import MixedPrecision, compute_dtype
 from .text import ensure_pad, token_ids
@@ -48,6 +50,17 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     eval_train: bool = False    # also measure accuracy on the whole training set after every epoch
+
+    def validate(self, where: str = "TrainConfig") -> "TrainConfig":
+        """``self`` if every setting is usable, else ValueError naming the field, its value and what is accepted."""
+        checks.integer(where, "epochs", self.epochs)
+        checks.integer(where, "batch_size", self.batch_size)
+        checks.number(where, "lr", self.lr, 0, strict=True, accepted="the AdamW learning rate")
+        checks.number(where, "weight_decay", self.weight_decay, 0)
+        checks.number(where, "max_grad_norm", self.max_grad_norm, 0, strict=True,
+                      accepted="gradients are clipped to this norm")
+        checks.number(where, "warmup", self.warmup, 0, high=1, accepted="the fraction of steps with linear warmup")
+        return self
 
 
 @dataclass
@@ -117,19 +130,35 @@ def answer_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, ans: to
 # --- evaluation and training ----------------------------------------------------------------
 
 
+@contextmanager
+def _modes_kept(model: nn.Module) -> Iterator[None]:
+    """Give every submodule of ``model`` its train/eval mode back when the block ends, however it ends
+    (an error, a KeyboardInterrupt): dropout left on would make every later forward pass random."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, tok, examples: Sequence[Example], batch_size: int = 64
              ) -> tuple[float, float, dict[str, float]]:
-    """(mean answer loss, exact-match accuracy, accuracy per task) on ``examples``."""
-    was_training = model.training
-    model.eval()
+    """(mean answer loss, exact-match accuracy, accuracy per task) on ``examples``.
+
+    The model runs in eval mode, its mode given back afterwards (also on error or KeyboardInterrupt);
+    a NaN/inf loss raises ValueError naming the weight that caused it."""
+    batch_size = checks.integer("evaluate", "batch_size", batch_size)
     items, device = _tokenize(tok, examples), model_device(model)
     losses, hits = [], []
-    for i in range(0, len(items), batch_size):
-        loss, hit = answer_loss(model, *collate(tok, items[i:i + batch_size], device))
-        losses.append(loss.item() * len(hit))
-        hits.append(hit.cpu())
-    model.train(was_training)
+    with _modes_kept(model):
+        model.eval()
+        for i in range(0, len(items), batch_size):
+            loss, hit = answer_loss(model, *collate(tok, items[i:i + batch_size], device))
+            checks.finite_output(model, loss.detach(), "lora_train.evaluate", "the answer loss")
+            losses.append(loss.item() * len(hit))
+            hits.append(hit.cpu())
     hits = torch.cat(hits).float()
     tasks = sorted({ex.task for ex in examples})
     per_task = {t: hits[[i for i, ex in enumerate(examples) if ex.task == t]].mean().item() for t in tasks}
@@ -140,13 +169,14 @@ def train(model: nn.Module, tok, train_set: Sequence[Example], eval_set: Sequenc
           config: TrainConfig | None = None) -> History:
     """Fine-tune the parameters of ``model`` that require grad (the LoRA matrices) with AdamW.
 
-    Evaluates before training and after every epoch; returns a :class:`History`.
+    Evaluates before training and after every epoch; returns a :class:`History`. The model trains in
+    training mode (dropout on) and is given back in the mode it was handed in (every submodule's own mode;
+    eval mode for a model from ``kvlab.load`` / ``lora.wrap``), on any exit: also on an error or a
+    KeyboardInterrupt. A NaN/inf training loss raises ValueError (naming the weight, if one is NaN/inf).
     """
     from tqdm.auto import tqdm
 
-    cfg = config or TrainConfig()
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise ValueError(f"epochs, batch_size and lr must be positive: {cfg}")
+    cfg = (config or TrainConfig()).validate("lora_train.train")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: wrap it with kvlab.lora.wrap first")
@@ -171,32 +201,35 @@ def train(model: nn.Module, tok, train_set: Sequence[Example], eval_set: Sequenc
             h.eval_acc.append(ea)
             h.task_acc.append(per_task)
 
-    log_eval(None)
-    n_steps = (len(items) + cfg.batch_size - 1) // cfg.batch_size
-    total, warm = cfg.epochs * n_steps, max(1, int(cfg.warmup * cfg.epochs * n_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-    bar = tqdm(total=cfg.epochs * n_steps, desc="LoRA", disable=not cfg.progress, leave=False)
-    with prec:
-        for epoch in range(cfg.epochs):
-            model.train()
-            t0, losses = time.perf_counter(), []
-            order = torch.randperm(len(items), generator=rng).tolist()
-            for i in range(0, len(order), cfg.batch_size):
-                batch = collate(tok, [items[j] for j in order[i:i + cfg.batch_size]], device)
-                loss, _ = answer_loss(model, *batch)
-                prec.backward(loss, again=lambda b=batch: answer_loss(model, *b)[0])
-                torch.nn.utils.clip_grad_norm_(prec.masters, cfg.max_grad_norm)
-                prec.step(opt)
-                sched.step()
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            h.epoch_seconds.append(time.perf_counter() - t0)
-            h.step_loss += losses
-            model.eval()
-            log_eval(sum(losses) / len(losses))
-    bar.close()
+    with _modes_kept(model):    # the mode it was handed in, on any exit (an error, a KeyboardInterrupt too)
+        log_eval(None)
+        n_steps = (len(items) + cfg.batch_size - 1) // cfg.batch_size
+        total, warm = cfg.epochs * n_steps, max(1, int(cfg.warmup * cfg.epochs * n_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        bar = tqdm(total=cfg.epochs * n_steps, desc="LoRA", disable=not cfg.progress, leave=False)
+        with prec, bar:
+            for epoch in range(cfg.epochs):
+                model.train()
+                t0, losses = time.perf_counter(), []
+                order = torch.randperm(len(items), generator=rng).tolist()
+                for i in range(0, len(order), cfg.batch_size):
+                    batch = collate(tok, [items[j] for j in order[i:i + cfg.batch_size]], device)
+                    loss, _ = answer_loss(model, *batch)
+                    if not bool(torch.isfinite(loss.detach())):
+                        checks.finite_output(model, loss.detach(), "lora_train.train",
+                                             f"the training loss at step {len(h.step_loss) + len(losses)}")
+                    prec.backward(loss, again=lambda b=batch: answer_loss(model, *b)[0])
+                    torch.nn.utils.clip_grad_norm_(prec.masters, cfg.max_grad_norm)
+                    prec.step(opt)
+                    sched.step()
+                    losses.append(loss.item())
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+                h.epoch_seconds.append(time.perf_counter() - t0)
+                h.step_loss += losses
+                model.eval()
+                log_eval(sum(losses) / len(losses))
     return h
 
 

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import checks
 from .arch import adapter
 from .hooks import capture
 from .text import Batch, encode
+from .tracing import eval_mode
 
 
 @dataclass
@@ -40,14 +42,16 @@ class FFNDecomposition:
 
 
 def run_with_memories(model, batch: Batch, layers: list[int]) -> dict[str, dict[int, torch.Tensor]]:
-    """One forward pass recording, per layer, the coefficients m, the FFN input and the FFN output."""
+    """One forward pass recording, per layer, the coefficients m, the FFN input and the FFN output.
+
+    The model runs in eval mode (dropout off) for the pass, its mode given back afterwards."""
     arch = adapter(model)
     mods = {}
     for l in layers:
         mods[f"m{l}"] = arch.value_module(l)
     ins = {f"x{l}": arch.mlp(l) for l in layers}
     with torch.no_grad(), capture(model, mods, "input") as m, capture(model, ins, "input") as xs, \
-            capture(model, {f"o{l}": arch.mlp(l) for l in layers}, "output") as outs:
+            capture(model, {f"o{l}": arch.mlp(l) for l in layers}, "output") as outs, eval_mode(model):
         model(**batch.inputs())
     return {
         "m": {l: m[f"m{l}"] for l in layers},
@@ -61,7 +65,8 @@ def coefficients(model, tok, prompts: str | list[str], layers: int | list[int] |
     """Memory coefficients m = f(x·Kᵀ) for the prompts.
 
     One layer -> (batch, seq, d_ff); a list (or None = all layers) -> {layer: tensor}.
-    Pad positions are zeroed.
+    Pad positions are zeroed. The model runs in eval mode (its mode given back afterwards); NaN/inf
+    coefficients raise ValueError naming the weight that caused them.
     """
     arch = adapter(model)
     single = layers is not None and not isinstance(layers, (list, tuple, range)) and getattr(layers, "ndim", 0) == 0
@@ -70,14 +75,19 @@ def coefficients(model, tok, prompts: str | list[str], layers: int | list[int] |
     rec = run_with_memories(model, batch, ls)["m"]
     mask = batch.attention_mask[..., None].to(rec[ls[0]].dtype)  # (batch, seq, 1)
     out = {l: rec[l] * mask for l in ls}
+    for l in ls:
+        checks.finite_output(model, out[l], "coefficients", f"the coefficients m of layer {l}")
     return out[ls[0]] if single else out
 
 
 def decompose(model, tok, prompts: str | list[str], layer: int) -> FFNDecomposition:
     """Decompose layer ``layer``'s FFN output on the prompts into Σ m_i v_i + b."""
     arch = adapter(model)
+    layer = arch.check_layer(layer)
     batch = encode(model, tok, prompts)
     rec = run_with_memories(model, batch, [layer])
+    checks.finite_output(model, rec["m"][layer], "decompose", f"the coefficients m of layer {layer}")
+    checks.finite_output(model, rec["out"][layer], "decompose", f"the FFN output of layer {layer}")
     V = arch.value_matrix(layer).detach()
     b = arch.value_bias(layer)
     bias = b.detach() if b is not None else torch.zeros(arch.d_model, dtype=V.dtype, device=V.device)
@@ -90,8 +100,25 @@ def coefficients_from_keys(model, layer: int, ffn_input: torch.Tensor) -> torch.
 
 
 def sparsity(m: torch.Tensor, mask: torch.Tensor | None = None, threshold: float = 0.0) -> float:
-    """Fraction of memories with coefficient > threshold (positive = 'active' for GELU/ReLU-like f)."""
+    """Fraction of memories with coefficient > threshold (positive = 'active' for GELU/ReLU-like f).
+
+    ``m``: (batch, seq, d_ff), finite; ``mask``: (batch, seq), the positions counted (at least one);
+    ``threshold``: a finite number.
+    """
+    threshold = checks.number("sparsity", "threshold", threshold, accepted="a coefficient counts as active above it")
+    if not torch.is_tensor(m) or m.numel() == 0:
+        raise ValueError(f"sparsity: m must be a non-empty tensor of coefficients, got "
+                         f"{tuple(m.shape) if torch.is_tensor(m) else type(m).__name__}")
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError(f"sparsity: m has {int((~torch.isfinite(m)).sum())} NaN/inf entries; NaN would count as "
+                         f"inactive")
     active = (m > threshold).float()  # (batch, seq, d_ff)
     if mask is not None:
+        if tuple(mask.shape) != tuple(m.shape[:-1]):
+            raise ValueError(f"sparsity: mask has shape {tuple(mask.shape)}, expected {tuple(m.shape[:-1])} "
+                             f"(m without its last dimension)")
+        if not bool((mask != 0).any()):
+            raise ValueError("sparsity: mask selects no position; nothing to average")
+        mask = mask.to(active.dtype)
         return float((active.mean(-1) * mask).sum() / mask.sum())
     return float(active.mean())

@@ -53,10 +53,11 @@ from typing import Iterator, NamedTuple, Sequence
 
 import torch
 
+from . import checks
 from .arch import adapter
 from .hooks import capture, hooks, patch
 from .text import encode, pad_rows, token_ids
-from .tracing import BlockRunner
+from .tracing import BlockRunner, eval_mode
 
 Neuron = tuple[int, int]  # (layer, index in d_ff)
 
@@ -129,8 +130,8 @@ def answer_prob(model, tok, prompts: str | Sequence[str], answers: str | Sequenc
         raise ValueError(f"reduce must be 'prod' or 'mean', got {reduce!r}")
     prompts, answers, single = _as_lists(prompts, answers)
     batch = answer_batch(model, tok, prompts, answers)
-    with torch.no_grad():
-        logits = model(**batch.inputs()).logits
+    with torch.no_grad(), eval_mode(model):
+        logits = checks.finite_output(model, model(**batch.inputs()).logits, "answer_prob", "the logits")
     p = answer_logprob(logits, batch, "sum" if reduce == "prod" else "mean").exp().cpu()
     return float(p[0]) if single else p
 
@@ -176,6 +177,7 @@ def _clean_run(model, batch: AnswerBatch, arch) -> tuple[torch.Tensor, float]:
     with torch.no_grad(), capture(model, mods, what="input") as store:
         logits = model(**batch.inputs()).logits
     pos = int(batch.prompt_last[0])
+    checks.finite_output(model, logits, "attribute", "the clean run's logits")
     m = torch.stack([store[l][0, pos] for l in range(arch.n_layers)])  # (n_layers, d_ff)
     return m, float(answer_logprob(logits, batch).exp()[0])
 
@@ -214,20 +216,31 @@ def attribute(model, tok, prompt: str, answer: str, layers: int | Sequence[int] 
     keys and values taken from the clean run (α changes nothing before layer l, nor any earlier
     position); ``"plain"`` runs the whole model on the whole sequence for every row, the
     readable reference. Both give the same attribution up to float rounding.
+
+    The model runs in eval mode (dropout off) for the duration, its mode given back afterwards
+    (:func:`kvlab.tracing.eval_mode`); NaN/inf activations or scores raise ValueError naming the weight.
     """
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"attribute: prompt must be a non-empty string, got {prompt!r}")
-    if steps < 1:
-        raise ValueError(f"attribute: steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        raise ValueError(f"attribute: batch_size must be >= 1, got {batch_size}")
+    steps = checks.integer("attribute", "steps", steps)
+    batch_size = checks.integer("attribute", "batch_size", batch_size)
     if method not in ("cached", "plain"):
         raise ValueError(f"attribute: method must be 'cached' or 'plain', got {method!r}")
     arch = adapter(model)
     ls = arch.check_layers(layers)
     batch = answer_batch(model, tok, prompt, answer)          # one row
-    if method == "cached":
-        return _attribute_cached(model, batch, arch, prompt, answer, ls, steps, batch_size)
+    with eval_mode(model):
+        if method == "cached":
+            out = _attribute_cached(model, batch, arch, prompt, answer, ls, steps, batch_size)
+        else:
+            out = _attribute_plain(model, batch, arch, prompt, answer, ls, steps, batch_size)
+    checks.finite_output(model, out.scores, "attribute", f"the attribution scores of prompt {prompt!r}")
+    return out
+
+
+def _attribute_plain(model, batch: AnswerBatch, arch, prompt: str, answer: str, ls: list[int], steps: int,
+                     batch_size: int) -> Attribution:
+    """:func:`attribute` running the whole model on the whole sequence for every row (the reference)."""
     pos = int(batch.prompt_last[0])
     m_clean, p_full = _clean_run(model, batch, arch)           # (n_layers, d_ff)
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps  # midpoint rule
@@ -308,6 +321,7 @@ def _attribute_cached(model, batch: AnswerBatch, arch, prompt: str, answer: str,
     with torch.no_grad(), capture(model, {l: arch.value_module(l) for l in range(L)}, what="input") as store, \
             runner.record():
         logits = model(**batch.inputs(), use_cache=False).logits            # (1, seq, vocab)
+    checks.finite_output(model, logits, "attribute", "the clean run's logits")
     m_clean = torch.stack([store[l][0, pos] for l in range(L)])             # (n_layers, d_ff)
     p_full = float(_answer_probs(logits, ans, pos)[0])
     if not runner.split:
@@ -376,6 +390,9 @@ def coarse_neurons(attr: Attribution | torch.Tensor, t: float = 0.2) -> list[Neu
     if not 0 < t <= 1:
         raise ValueError(f"coarse_neurons: t must be in (0, 1], got {t}")
     scores = attr.scores if isinstance(attr, Attribution) else attr    # (n_layers, d_ff)
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"coarse_neurons: the attribution scores have {int((~torch.isfinite(scores)).sum())} "
+                         f"NaN/inf entries; nothing can be selected from them")
     mx = float(scores.max())
     if mx <= 0:
         return []
@@ -431,6 +448,8 @@ def refine(coarse_sets: list[list[Neuron]], mean_scores: dict[Neuron, float] | N
             raise ValueError(f"refine: target must be (lo, hi) with 1 <= lo <= hi, or None, got {target}")
     if not 0 <= p < 1:
         raise ValueError(f"refine: p must be in [0, 1) (neurons shared by more than p·n prompts), got {p}")
+    checks.number("refine", "step", step, 0, strict=True, high=1, high_strict=True,
+                  accepted="how far p moves per try; Dai et al.: 0.05")
     n = len(coarse_sets)
     if n == 0:
         raise ValueError("refine: no coarse sets")
@@ -530,10 +549,25 @@ def check_neurons(arch, neurons) -> list[Neuron]:
     return out
 
 
-def _check_neurons(arch, neurons) -> dict[int, list[int]]:
-    """Group neurons by layer, validating them (:func:`check_neurons`): {layer: [i, ...]}."""
+def check_neuron_set(arch, neurons, where: str, name: str = "neurons") -> list[Neuron]:
+    """:func:`check_neurons`, and ValueError when there are none or one is given twice (an intervention on
+    no neuron, or on one neuron "twice", changes nothing the caller meant)."""
+    if isinstance(neurons, (str, bytes)):
+        raise ValueError(f"{where}: {name} must be a list of (layer, index) pairs, got {neurons!r}")
+    out = check_neurons(arch, neurons)
+    if not out:
+        raise ValueError(f"{where}: {name} is empty; give one or more (layer, index) pairs")
+    dup = sorted({x for x in out if out.count(x) > 1})
+    if dup:
+        raise ValueError(f"{where}: neuron(s) {dup} given more than once in {name}; give each once")
+    return out
+
+
+def _check_neurons(arch, neurons, where: str = "neurons", name: str = "neurons") -> dict[int, list[int]]:
+    """Group neurons by layer, validating them (:func:`check_neuron_set`: none, or a repeated one,
+    raise): {layer: [i, ...]}."""
     by_layer: dict[int, list[int]] = {}
-    for l, i in check_neurons(arch, neurons):
+    for l, i in check_neuron_set(arch, neurons, where, name):
         by_layer.setdefault(l, []).append(i)
     return by_layer
 
@@ -541,7 +575,7 @@ def _check_neurons(arch, neurons) -> dict[int, list[int]]:
 def random_neurons(model, like: Sequence[Neuron], seed: int = 0) -> list[Neuron]:
     """As many random neurons per layer as ``like`` has, none of them in ``like`` (a baseline)."""
     arch = adapter(model)
-    by_layer = _check_neurons(arch, like)
+    by_layer = _check_neurons(arch, like, "random_neurons", "like")
     rng = random.Random(seed)
     out = []
     for l, idx in sorted(by_layer.items()):
@@ -557,14 +591,15 @@ def activation_neurons(model, tok, prompt: str, like: Sequence[Neuron]) -> list[
     m_i by its effect on the answer, this baseline only by its size.
     """
     arch = adapter(model)
-    by_layer = _check_neurons(arch, like)
+    by_layer = _check_neurons(arch, like, "activation_neurons", "like")
     batch = encode(model, tok, prompt)
     mods = {l: arch.value_module(l) for l in by_layer}
-    with torch.no_grad(), capture(model, mods, what="input") as store:
+    with torch.no_grad(), eval_mode(model), capture(model, mods, what="input") as store:
         model(**batch.inputs())
     out = []
     for l, idx in sorted(by_layer.items()):
         m = store[l][0, int(batch.last[0])].abs()              # (d_ff,)
+        checks.finite_output(model, m, "activation_neurons", f"the activations m of layer {l}")
         out += [(l, int(i)) for i in m.topk(len(idx)).indices]
     return out
 
@@ -592,13 +627,15 @@ def scale_neurons(model, neurons: Sequence[Neuron], factor: float,
     and a one-token answer this is the position :func:`intervention_effect` uses; under teacher
     forcing of a longer answer pass ``AnswerBatch.prompt_last``); ``"all"`` (or ``None``) at every
     position; an int at that position of every row; a (batch,) tensor at one position per row.
-    Works by patching the value modules' input, so no weight changes.
+    Works by patching the value modules' input, so no weight changes. ``neurons``: one or more distinct
+    (layer, index) pairs; ``factor``: a finite number.
     """
     if isinstance(positions, str) and positions not in ("last", "all"):
         raise ValueError(f"scale_neurons: positions must be 'last', 'all', an int or a (batch,) tensor, "
                          f"got {positions!r}")
+    checks.number("scale_neurons", "factor", factor, accepted="the multiplier of the activations; 0 suppresses")
     arch = adapter(model)
-    by_layer = _check_neurons(arch, neurons)
+    by_layer = _check_neurons(arch, neurons, "scale_neurons")
     seen: dict[str, torch.Tensor | None] = {}
 
     def grab_mask(module, args, kwargs):
@@ -653,10 +690,20 @@ def intervention_effect(model, tok, neurons: Sequence[Neuron], prompts: str | Se
     """
     if at not in ("last", "all"):
         raise ValueError(f"intervention_effect: at must be 'last' or 'all', got {at!r}")
+    checks.number("intervention_effect", "factor", factor, accepted="the multiplier of the activations; 0 suppresses")
+    check_neuron_set(adapter(model), neurons, "intervention_effect")
     prompts, answers, _ = _as_lists(prompts, answers)
     batch = answer_batch(model, tok, prompts, answers)
-    with torch.no_grad():
-        before = answer_logprob(model(**batch.inputs()).logits, batch).exp()
+    with torch.no_grad(), eval_mode(model):
+        logits = checks.finite_output(model, model(**batch.inputs()).logits, "intervention_effect", "the logits")
+        before = answer_logprob(logits, batch).exp()
         with scale_neurons(model, neurons, factor, batch.prompt_last if at == "last" else "all"):
-            after = answer_logprob(model(**batch.inputs()).logits, batch).exp()
+            logits = checks.finite_output(model, model(**batch.inputs()).logits, "intervention_effect",
+                                          "the logits with the neurons scaled")
+            after = answer_logprob(logits, batch).exp()
+    if not bool((before > 0).all()):
+        b = int((before <= 0).nonzero()[0, 0])
+        raise ValueError(f"intervention_effect: p(answer {answers[b]!r} | prompt {prompts[b]!r}) is 0 in "
+                         f"{str(before.dtype).removeprefix('torch.')} before the intervention, so its relative "
+                         f"change is undefined; drop that prompt or use a shorter answer")
     return ((after - before) / before).cpu()

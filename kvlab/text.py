@@ -20,6 +20,7 @@ giving a silent wrong answer:
 """
 from __future__ import annotations
 
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -195,19 +196,38 @@ def token_ids(tok, target: str) -> list[int]:
     return check_known(tok, ids, word, "target")
 
 
-def _joins(a: str, b: str) -> bool:
-    """True if adjacent characters a, b belong to one word: letters of a cased script or digits ("Lars|en").
+def _is_mark(c: str) -> bool:
+    """A combining mark (Unicode categories Mn, Mc, Me: the accent of a decomposed "é" = "e" + U+0301): it is
+    part of the character before it."""
+    return unicodedata.category(c) in ("Mn", "Mc", "Me")
 
-    Scripts without case (Chinese, Japanese, Thai ...) are not written with spaces between words,
-    so there only the token boundaries count."""
-    return all(c.isdigit() or (c.isalpha() and c.lower() != c.upper()) for c in (a, b))
+
+def _wordy(c: str) -> bool:
+    """A letter of a cased script or a digit."""
+    return c.isdigit() or (c.isalpha() and c.lower() != c.upper())
+
+
+def _joins(text: str, i: int) -> bool:
+    """True if characters i − 1 and i of ``text`` belong to one word: letters of a cased script or digits
+    ("Lars|en"), or a combining mark and the character it modifies ("cafe|\u0301": a mark is always part of
+    the character before it, so a boundary before one is inside a character).
+
+    A combining mark at i − 1 joins character i as its base character (the first before it that is not a
+    mark) would: "e\u0301|cafe" is one word. Scripts without case (Chinese, Japanese, Thai ...) are not
+    written with spaces between words, so there only the token boundaries count (and the marks)."""
+    if _is_mark(text[i]):
+        return True
+    j = i - 1                        # the character before i, or the base character of the marks before i
+    while j > 0 and _is_mark(text[j]):
+        j -= 1
+    return not _is_mark(text[j]) and _wordy(text[j]) and _wordy(text[i])
 
 
 def _word_around(text: str, s0: int, s1: int) -> tuple[int, int]:
     """The character span [s0, s1) of ``text`` widened to whole words (see :func:`_joins`)."""
-    while s0 > 0 and _joins(text[s0 - 1], text[s0]):
+    while s0 > 0 and _joins(text, s0):
         s0 -= 1
-    while s1 < len(text) and _joins(text[s1 - 1], text[s1]):
+    while s1 < len(text) and _joins(text, s1):
         s1 += 1
     return s0, s1
 

@@ -66,6 +66,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from . import checks
 from .arch import adapter
 from .hooks import capture, first, hooks, patch
 from .text import encode, subject_token_range, token_ids
@@ -150,13 +151,56 @@ class AverageTrace:
 
 
 # ----------------------------------------------------------------------------- helpers
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """``model`` in eval mode (dropout off) inside the block; every submodule's own mode is given back
+    afterwards, also on error (a model handed over in training mode comes back in training mode).
+
+    The methods that read a model (tracing, attribution, memory coefficients) run in it: dropout in a
+    model left in training mode would make their results random, and a trace's cached clean and corrupted
+    runs disagree with the runs that restore them."""
+    modes = [(m, m.training) for m in model.modules()]
+    if any(t for _, t in modes):
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+NOISE_ACCEPTED = "ν, the standard deviation of the noise added to the subject's embeddings"
+
+
+def check_noise(where: str, noise, name: str = "noise", none_ok: bool = True) -> float | None:
+    """``noise`` as a float if it is a finite number > 0 (None when ``none_ok``), else ValueError naming it."""
+    if noise is None and none_ok:
+        return None
+    return checks.number(where, name, noise, 0, strict=True,
+                         accepted=NOISE_ACCEPTED + ("; None = 3σ of the subject's embeddings" if none_ok else ""))
+
+
+def check_kinds(where: str, kinds) -> tuple[str, ...]:
+    """``kinds`` as a tuple of distinct kinds of :data:`KINDS` (one kind may be given as a string), else
+    ValueError naming the problem."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not kinds:
+        raise ValueError(f"{where}: kinds is empty; give one or more of {KINDS}")
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"{where}: unknown kind(s) {bad}; choose from {KINDS}")
+    dup = sorted({k for k in kinds if kinds.count(k) > 1})
+    if dup:
+        raise ValueError(f"{where}: kind(s) {dup} given more than once in kinds={kinds!r}; give each once")
+    return kinds
+
+
 def window_layers(layer: int, window: int, n_layers: int) -> range:
     """Layers restored together for a window centred on ``layer``: [l − w//2, l + ⌈w/2⌉), clipped.
 
     ROME's window 10 gives [l−5, l+4]; window 1 gives just [l].
     """
-    if window < 1:
-        raise ValueError(f"window must be ≥ 1, got {window}")
+    window = checks.integer("window_layers", "window", window)
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
@@ -181,7 +225,9 @@ def noise_level(model, tok, subjects: Iterable, factor: float = 3.0) -> float:
     """ν = factor · σ, σ = std of all entries of the subjects' token embeddings (ROME's "3σ").
 
     ``subjects``: strings (tokenised alone, as ROME does) or fact records with ``subject``.
+    ``factor``: a finite number > 0.
     """
+    factor = checks.number("noise_level", "factor", factor, 0, strict=True, accepted="ν = factor · σ; ROME: 3")
     arch = adapter(model)
     ids = []
     for fact in subjects:
@@ -191,6 +237,7 @@ def noise_level(model, tok, subjects: Iterable, factor: float = 3.0) -> float:
         raise ValueError("noise_level: no subject tokens (empty subject list?)")
     W = arch.embed.weight
     emb = arch.embed(torch.tensor(ids, device=W.device))   # (n_subject_tokens, d_model)
+    checks.finite_output(model, emb, "noise_level", "the subjects' token embeddings")
     return factor * float(emb.float().std())
 
 
@@ -500,8 +547,19 @@ class Tracer:
     def __init__(self, model, tok, prompt: str, subject: str, answer: str | None = None,
                  noise: float | None = None, samples: int = 10, seed: int = 0, eps: Tensor | None = None,
                  occurrence: int = 0, max_batch: int = 4096):
-        if samples < 1:
-            raise ValueError(f"samples must be ≥ 1, got {samples}")
+        samples = checks.integer("trace", "samples", samples)
+        check_noise("trace", noise)
+        if eps is not None:
+            if not torch.is_tensor(eps):
+                raise ValueError(f"trace: eps must be a tensor (samples, n_subject_tokens, d_model) of "
+                                 f"standard-normal draws, got {type(eps).__name__}")
+            if not bool(torch.isfinite(eps).all()):
+                raise ValueError(f"trace: eps has {int((~torch.isfinite(eps)).sum())} NaN/inf entries; it must "
+                                 f"be finite (standard-normal draws, e.g. tracing.sample_noise)")
+        with eval_mode(model):
+            self._setup(model, tok, prompt, subject, answer, noise, samples, seed, eps, occurrence, max_batch)
+
+    def _setup(self, model, tok, prompt, subject, answer, noise, samples, seed, eps, occurrence, max_batch):
         self.model, self.tok, self.arch = model, tok, adapter(model)
         self.prompt, self.subject = prompt, subject
         self.max_batch = max_batch
@@ -536,6 +594,10 @@ class Tracer:
             return torch.cat([emb[:1], self.corrupt(emb[1:])])
         with patch(self.arch.embed, corrupt_rows), capture(model, mods) as store, runner.record():
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1]  # (1 + samples, vocab)
+        checks.finite_output(model, logits[:1], "trace", f"the clean run's logits on prompt {prompt!r}")
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError(f"trace: noise={self.noise:g} makes the corrupted runs' logits NaN/inf (the clean run's "
+                             f"are finite); use a smaller noise")
         self.clean = {k: v[0] for k, v in store.items()}                    # (kind, l) -> (n, d)
         # L+1 x (samples, n, d): every block's corrupted input, then the last block's corrupted output
         self.corrupted = [x[1:] for x in runner.inputs] + [store[("hidden", L - 1)][1:]]
@@ -544,7 +606,7 @@ class Tracer:
         if self.split_off is not None:
             warnings.warn(f"causal tracing computes every position of every restored run on this model "
                           f"({type(model).__name__}, transformers {_transformers_version()}): "
-                          f"{self.split_off}. Scores are exact, only slower.", RuntimeWarning, stacklevel=2)
+                          f"{self.split_off}. Scores are exact, only slower.", RuntimeWarning, stacklevel=4)
         self.kv = runner.kv
         if self.split:
             for r in self.kv:
@@ -620,6 +682,12 @@ class Tracer:
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        window = checks.integer("trace", "window", window)
+        with eval_mode(self.model):
+            out = self._restored(kind, cells, window)
+        return checks.finite_output(self.model, out, "trace", f"the restored runs' p(answer) ({kind})")
+
+    def _restored(self, kind: str, cells: Sequence[tuple[int, int]], window: int) -> Tensor:
         L, b = self.arch.n_layers, self.subject_range[0]
         out = torch.full((len(cells),), self.low_score)
         live = [i for i, (t, _) in enumerate(cells) if t >= b]
@@ -743,9 +811,14 @@ def trace(model, tok, prompt: str, subject: str, answer: str | None = None, kind
     :func:`noise_level` over a fact set, or ROME's fixed 0.1 for GPT-2 XL). ``window``: layers
     restored together for "mlp"/"attn" (ignored for "hidden"). ``eps``: the standard-normal
     draws (samples, n_subject_tokens, d_model); default from ``seed``.
+
+    The model runs in eval mode (dropout off) for the duration, whatever mode it is in; its mode is
+    given back afterwards (:func:`eval_mode`). ``noise`` must be a finite number > 0 (or None),
+    ``eps`` finite; a NaN/inf result raises ValueError naming the weight that caused it.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    checks.integer("trace", "window", window)
     tr = Tracer(model, tok, prompt, subject, answer, noise, samples, seed, eps, occurrence)
     return tr.trace(kind, window)
 
@@ -755,9 +828,8 @@ def trace_all_kinds(model, tok, prompt: str, subject: str, answer: str | None = 
                     window: int = 10, seed: int = 0, eps: Tensor | None = None,
                     occurrence: int = 0) -> dict[str, TraceResult]:
     """:func:`trace` for several kinds, sharing the clean and corrupted runs (and the noise)."""
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ValueError(f"unknown kind(s) {bad}; choose from {KINDS}")
+    kinds = check_kinds("trace_all_kinds", kinds)
+    checks.integer("trace_all_kinds", "window", window)
     tr = Tracer(model, tok, prompt, subject, answer, noise, samples, seed, eps, occurrence)
     return {k: tr.trace(k, window) for k in kinds}
 
@@ -808,8 +880,15 @@ def average_effects(model, tok, facts=None, kinds: Sequence[str] = KINDS, n: int
     (prompt, subject, attribute) tuples; default ``kvlab.data.load_known()``. ``n``: use the
     first n. ``noise``: ν; None = 3σ over the facts' subjects (:func:`noise_level`).
     Each fact scores the model's top prediction; with ``only_known`` facts whose prediction
-    is not the first token of ``attribute`` are skipped (as ROME does).
+    is not the first token of ``attribute`` are skipped (as ROME does). ``kinds``: distinct kinds of
+    :data:`KINDS`, at least one.
     """
+    kinds = check_kinds("average_effects", kinds)
+    check_noise("average_effects", noise)
+    checks.integer("average_effects", "samples", samples)
+    checks.integer("average_effects", "window", window)
+    if n is not None:
+        checks.integer("average_effects", "n", n)
     recs = _records(facts, n)
     if noise is None:
         noise = noise_level(model, tok, [s for _, s, _ in recs])
@@ -858,6 +937,16 @@ def average_effects(model, tok, facts=None, kinds: Sequence[str] = KINDS, n: int
 
 def noise_sweep(model, tok, prompt: str, subject: str, multiples: Sequence[float] = (0.5, 1, 2, 3, 5),
                 sigma: float | None = None, **kw) -> dict[float, TraceResult]:
-    """Hidden-state traces of one prompt at several noise levels ν = m·σ (σ default: this subject's)."""
+    """Hidden-state traces of one prompt at several noise levels ν = m·σ (σ default: this subject's).
+
+    ``multiples``: one or more finite numbers > 0; ``sigma``: a finite number > 0 or None."""
+    multiples = list(multiples)
+    if not multiples:
+        raise ValueError("noise_sweep: multiples is empty; give one or more noise multiples m > 0 (ν = m·σ)")
+    for m in multiples:
+        checks.number("noise_sweep", "each of multiples", m, 0, strict=True, accepted="ν = m·σ")
+    if sigma is not None:
+        checks.number("noise_sweep", "sigma", sigma, 0, strict=True,
+                      accepted="σ, the standard deviation of the subject's embeddings; None = this subject's")
     sigma = noise_level(model, tok, [subject], factor=1.0) if sigma is None else sigma
     return {m: trace(model, tok, prompt, subject, noise=m * sigma, **kw) for m in multiples}

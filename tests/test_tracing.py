@@ -185,9 +185,10 @@ def test_noise_changes_low_score_and_seed_is_reproducible():
     model, tok, arch = tiny64("gpt2")
     a = tracing.trace(model, tok, PROMPT, SUBJECT, noise=0.5, samples=3, seed=3)
     b = tracing.trace(model, tok, PROMPT, SUBJECT, noise=0.5, samples=3, seed=3)
-    c = tracing.trace(model, tok, PROMPT, SUBJECT, noise=0.0, samples=3, seed=3)
+    n_subject = a.subject_range[1] - a.subject_range[0]
+    c = tracing.trace(model, tok, PROMPT, SUBJECT, noise=0.5, samples=3, eps=torch.zeros(3, n_subject, arch.d_model))
     assert torch.equal(a.scores, b.scores)
-    assert c.low_score == pytest.approx(c.high_score, abs=tol())   # no noise: corrupted = clean
+    assert c.low_score == pytest.approx(c.high_score, abs=tol())   # zero draws: corrupted = clean (noise=0 raises)
     assert abs(a.low_score - a.high_score) > 100 * tol()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import adapter
+from ..neurons import check_neuron_set
 from ..text import token_ids
 from .base import EditRequest, WeightEdit, current_answer, param_name, recording
 from .rome import check_finite, check_number, context_templates
@@ -27,18 +28,6 @@ def answer_embedding(model, tok, answer: str) -> torch.Tensor:
     """E[answer] (d_model,): mean input embedding of the answer's tokens."""
     E = adapter(model).embed.weight                     # (vocab, d_model)
     return E[token_ids(tok, answer)].mean(0)
-
-
-def check_neuron_list(arch, neurons, where: str) -> list[tuple[int, int]]:
-    """Validated (layer, index) pairs (:func:`kvlab.neurons.check_neurons`); [] and repeated neurons raise."""
-    from ..neurons import check_neurons
-    out = check_neurons(arch, neurons)
-    if not out:
-        raise ValueError(f"{where}: no neurons given; nothing to edit")
-    dup = sorted({x for x in out if out.count(x) > 1})
-    if dup:
-        raise ValueError(f"{where}: neuron(s) {dup} given more than once; each copy would move the value again")
-    return out
 
 
 def kn_edit(model, tok, request: EditRequest | dict, prompts: list[str] | None = None, lam: float = 1.0,
@@ -71,7 +60,7 @@ def kn_edit(model, tok, request: EditRequest | dict, prompts: list[str] | None =
         if not neurons:
             raise ValueError(f"kn_edit: no knowledge neurons found for {old!r} after {request.text!r}; "
                              f"nothing to edit (try a lower threshold t or other prompts)")
-    neurons = check_neuron_list(arch, neurons, "kn_edit")
+    neurons = check_neuron_set(arch, neurons, "kn_edit")   # none, or one twice (it would move twice), raise
     layers = sorted({l for l, _ in neurons})
     names = [param_name(model, arch.value_module(l), "weight") for l in layers]
     shift = lam * (answer_embedding(model, tok, request.target_new) - answer_embedding(model, tok, old))
