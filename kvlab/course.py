@@ -11,6 +11,11 @@ Executed notebooks, their HTML renderings, ``index.html`` and ``times.json`` go 
 ``notebooks/NN_*.ipynb``, and ``In [k]`` of the executed copy), the exception and the first lines of the
 cell's source; the exit code is 1.
 
+Every argument is checked before anything is written or deleted: ``--only`` items must name notebooks (a full
+number such as ``05``, or a name; ``0`` names none), ``-p`` values must be JSON values (int, float, str, bool, None,
+lists and dicts of them: papermill would pass a tuple, set, bytes or complex as a string), and ``--out`` must be a
+folder that is not the notebooks folder (the executed copies would overwrite the course).
+
 Options of ``run`` besides ``--only``, ``--model``, ``--device``, ``--out``, ``-p``:
 
 ``--keep-going`` (alias ``--all-errors``)
@@ -125,8 +130,19 @@ class NotebookRun:
     peak_reserved: int | None = None    # bytes, torch.cuda.max_memory_reserved of the kernel
 
 
+def _matches(path: Path, wanted: str) -> bool:
+    """Whether ``--only`` item ``wanted`` names the notebook ``path``: its full number ("05"), its stem or file name
+    ("05_rome", "05_rome.ipynb", also as a path), or a prefix of its name that goes past the number ("05_ro").
+    A prefix of the number alone ("0") names no notebook (it would select every notebook 00-09)."""
+    number = path.name[:2]
+    name = Path(wanted).name
+    return (wanted == number or name in (path.stem, path.name)
+            or (len(wanted) > len(number) and wanted.startswith(number + "_") and path.name.startswith(wanted)))
+
+
 def notebooks(only: list[str] | None = None, folder: Path = NOTEBOOKS) -> list[Path]:
-    """The course notebooks in order; ``only`` filters by number prefix ("05") or name."""
+    """The course notebooks in order; ``only`` filters by number ("05"), name ("05_rome") or a prefix of the name
+    that goes past the number. Every item of ``only`` must name a notebook (SystemExit listing them if not)."""
     paths = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
     if not paths:
         raise SystemExit(f"no course notebooks (NN_name.ipynb) in {folder}")
@@ -134,10 +150,12 @@ def notebooks(only: list[str] | None = None, folder: Path = NOTEBOOKS) -> list[P
         wanted = [o.strip() for o in only]
         if not wanted or not all(wanted):
             raise SystemExit(f"--only needs notebook numbers or names, got {only!r}")
-        paths = [p for p in paths if any(p.name.startswith(w) or p.stem == w for w in wanted)]
-        if not paths:
-            raise SystemExit(f"no notebook matches {only}; available: "
-                             f"{', '.join(p.name for p in notebooks(folder=folder))}")
+        unmatched = [w for w in wanted if not any(_matches(p, w) for p in paths)]
+        if unmatched:
+            raise SystemExit(f"no notebook matches {', '.join(map(repr, unmatched))} (give a full notebook number "
+                             f"such as {paths[0].name[:2]!r}, or a name); available: "
+                             f"{', '.join(p.name for p in paths)}")
+        paths = [p for p in paths if any(_matches(p, w) for w in wanted)]
     return paths
 
 
@@ -168,19 +186,74 @@ def parameter_names(path: Path) -> set[str]:
     return names
 
 
+# What papermill writes into a notebook faithfully (a JSON value); anything else it writes as its str().
+PARAMETER_KINDS = "int, float (finite), str, bool, None, and lists and dicts (with str keys) of them"
+
+
+def _parameter_problem(value, depth: int = 0) -> str | None:
+    """Why papermill would not pass ``value`` to a notebook as it is (None: it would). papermill writes JSON
+    values (int, float, str, bool, None, lists, dicts with str keys) as code; any other value (a tuple, a set,
+    bytes, a complex number), also nested in a list, becomes a string in the notebook."""
+    if depth > 100:
+        return "nested more than 100 levels deep"
+    if value is None or isinstance(value, (bool, int, str)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"the non-finite float {value!r}"
+    if isinstance(value, list):
+        return next((p for v in value if (p := _parameter_problem(v, depth + 1))), None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"the dict key {k!r} ({type(k).__name__}; papermill writes keys as strings)"
+            if p := _parameter_problem(v, depth + 1):
+                return p
+        return None
+    hint = "; write a list such as [2, 3]" if isinstance(value, (tuple, set, frozenset)) else ""
+    return f"a {type(value).__name__} ({value!r}), which papermill would pass as the string {str(value)!r}{hint}"
+
+
+def check_parameter_values(params: dict) -> None:
+    """SystemExit naming the first parameter whose value papermill would not pass as it is (see
+    :data:`PARAMETER_KINDS`): a tuple, set, bytes or complex value, also nested, reaches the notebook as a string."""
+    for name, value in params.items():
+        problem = _parameter_problem(value)
+        if problem:
+            raise SystemExit(f"parameter {name} = {value!r}: holds {problem}. A notebook parameter is one of "
+                             f"{PARAMETER_KINDS}; quote it to pass a string")
+
+
 def notebook_parameters(paths: list[Path], params: dict) -> dict[Path, dict]:
     """Each notebook's share of ``params``: the names its parameters cell has. A name that is not a
     Python identifier, or that no selected notebook has, is an error (papermill writes the names into
-    the notebook as code)."""
+    the notebook as code), and so is a value papermill would not pass as it is (:func:`check_parameter_values`)."""
     for name in params:
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise SystemExit(f"parameter name {name!r} is not a Python identifier")
+    check_parameter_values(params)
     declared = {p: parameter_names(p) for p in paths}
     unknown = sorted(set(params) - set().union(*declared.values()))
     if unknown:
         known = ", ".join(sorted(set().union(*declared.values())))
         raise SystemExit(f"unknown parameter(s) {', '.join(unknown)}: the selected notebooks take {known}")
     return {p: {k: v for k, v in params.items() if k in names} for p, names in declared.items()}
+
+
+def check_out_dir(out_dir: Path, paths: list[Path], folder: Path = NOTEBOOKS) -> None:
+    """SystemExit unless ``out_dir`` can take the run's files without overwriting the course: it must not be the
+    course's notebooks folder (``folder``, :data:`NOTEBOOKS`) or the folder of any selected notebook (the executed
+    copy would replace the notebook, solutions in place of the stubs), and must not be or lie under a file."""
+    target = Path(out_dir).expanduser().resolve()
+    sources = {Path(folder).resolve(), NOTEBOOKS.resolve(), *(p.resolve().parent for p in paths)}
+    if target in sources:
+        raise SystemExit(f"--out {out_dir} is the notebooks folder {target} (it holds the course's notebooks): the "
+                         f"executed copies would overwrite them; pass another folder (default {BUILD})")
+    for parent in (target, *target.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise SystemExit(f"--out {out_dir}: {parent} is a file, not a folder; pass a folder "
+                                 f"(default {BUILD})")
+            break
 
 
 def with_solutions(path: Path, dest: Path, folder: Path | None = None) -> Path:
@@ -373,8 +446,11 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, progress: bool = T
     import nbformat
     import papermill as pm
 
+    out = Path(out_dir) / path.name
+    if out.resolve() == path.resolve():
+        raise SystemExit(f"out_dir {out_dir} holds the notebook {path.name} itself: the executed copy would overwrite "
+                         f"it; pass another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / path.name
     out.unlink(missing_ok=True)
     timeout = int(math.ceil(cell_timeout)) if cell_timeout else None
     failed = []
@@ -594,17 +670,26 @@ def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict
         folder: Path = NOTEBOOKS) -> list[NotebookRun]:
     from tqdm.auto import tqdm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1" if model == "kvlab/world" else os.environ.get("HF_HUB_OFFLINE", "0"))
+    # everything is checked before the disk is touched: a rejected argument leaves --out as it was
+    out_dir = Path(out_dir)
     paths = notebooks(only, folder)
-    claims_log = out_dir / "claims.jsonl"
-    claims_log.unlink(missing_ok=True)
-    os.environ["KVLAB_CLAIMS"] = str(claims_log.resolve())   # the kernels append what they measure
     per_notebook = notebook_parameters(paths, {"MODEL": model, "DEVICE": device, **(extra or {})})
     if quick:   # the profile's sizes, under what -p gave
         sizes = quick_parameters(paths)
         per_notebook = {p: {**sizes[p], **per_notebook[p]} for p in paths}
-    graded = grades_claims(quick, extra or {}, device) if grade_claims is None else grade_claims
+    check_out_dir(out_dir, paths, folder)
+    given = {"MODEL": model, "DEVICE": device, **(extra or {})}     # -p MODEL / DEVICE override the options
+    model, device = given["MODEL"], given["DEVICE"]
+    try:
+        graded = grades_claims(quick, extra or {}, str(device)) if grade_claims is None else grade_claims
+    except RuntimeError as e:   # torch.device("gpu") in resolve_device
+        raise SystemExit(f"device {device!r} is not a device torch knows ({e}); e.g. auto, cpu, cuda, cuda:1, mps")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1" if model == "kvlab/world" else os.environ.get("HF_HUB_OFFLINE", "0"))
+    claims_log = out_dir / "claims.jsonl"
+    claims_log.unlink(missing_ok=True)
+    os.environ["KVLAB_CLAIMS"] = str(claims_log.resolve())   # the kernels append what they measure
     strict_before = os.environ.get("KVLAB_CLAIMS_STRICT")
     os.environ["KVLAB_CLAIMS_STRICT"] = "1" if graded else "0"   # the kernels inherit it (kvlab.checks.claim)
     settings = {"quick": quick, "graded": graded, "keep_going": keep_going, "cell_timeout": cell_timeout or 0}
@@ -632,7 +717,8 @@ def run(only=None, model: str = "kvlab/world", device: str = "auto", extra: dict
             os.environ["KVLAB_CLAIMS_STRICT"] = strict_before
     (out_dir / "times.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
     claims = collect_claims(out_dir)
-    write_index(runs, out_dir, model, claims, settings)
+    shown = ", ".join(dict.fromkeys(str(r.parameters.get("MODEL", model)) for r in runs)) or str(model)
+    write_index(runs, out_dir, shown, claims, settings)   # the model the notebooks got (-p MODEL wins)
     total = sum(r.seconds for r in runs)
     verdicts = ", ".join(f"{sum(c['verdict'] == v for c in claims)} {v}"
                          for v in ("reproduced", "partly reproduced", "not reproduced"))
@@ -774,8 +860,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"updated {p.name}" for p in sync()) or "all notebooks up to date")
         return 0
     extra = {k: _coerce(v) for k, v in a.parameter}
-    if a.cell_timeout < 0:
-        raise SystemExit(f"--cell-timeout must be >= 0 seconds (0: no limit), got {a.cell_timeout:g}")
+    if not 0 <= a.cell_timeout < math.inf:
+        raise SystemExit(f"--cell-timeout must be >= 0 seconds and finite (0: no limit), got {a.cell_timeout:g}")
     runs = run(a.only, a.model, a.device, extra, a.out, not a.no_html, not a.quiet, a.solutions,
                keep_going=a.keep_going, cell_timeout=a.cell_timeout or None, quick=a.quick,
                grade_claims=a.grade_claims)

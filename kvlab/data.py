@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import urllib.request
@@ -80,9 +81,31 @@ def _default(name: str) -> Path:
     return WORLD_DIR / name
 
 
+def _decode(raw: bytes, path) -> str:
+    """A file's bytes as text: UTF-8, with or without a byte-order mark (as some Windows editors write it);
+    ValueError naming the file and the first bad byte otherwise."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is {raw[e.start:e.start + 1]!r}); save it as "
+                         f"UTF-8") from None
+
+
+def _json(text: str, path, where: str = "") -> object:
+    """``json.loads(text)``, its errors as a ValueError naming the file (and ``where`` in it)."""
+    at = f"{path}{where}"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        page = " (it is an HTML page, e.g. a web server's error page)" if text.lstrip()[:1] == "<" else ""
+        raise ValueError(f"{at}: not valid JSON{page}: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except RecursionError:
+        raise ValueError(f"{at}: JSON nested too deeply to read (records are a few levels deep)") from None
+
+
 def _read(path) -> list:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    """The list of records of a JSON file; ValueError naming the file when it is not UTF-8 JSON holding a list."""
+    data = _json(_decode(Path(path).read_bytes(), path), path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -102,9 +125,17 @@ def _get(rec, key: str, typ, where: str, nonempty: bool = True):
 
 
 def _template(rec, key: str, where: str) -> str:
+    """A template with exactly one ``{}`` for the subject and no other braces (``str.format`` of it with the
+    subject must give the prompt: a second ``{}`` or a named field such as ``{sport}`` would fail there)."""
     t = _get(rec, key, str, where)
     if "{}" not in t:
         raise ValueError(f"{where}: field {key!r} has no '{{}}' for the subject: {t!r}")
+    if t.count("{}") != 1:
+        raise ValueError(f"{where}: field {key!r} has {t.count('{}')} '{{}}', needs exactly one for the subject: {t!r}")
+    rest = t.replace("{}", "")
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"{where}: field {key!r} has braces besides the one '{{}}' for the subject (a field such as "
+                         f"'{{sport}}' is not filled in): {t!r}")
     return t
 
 
@@ -116,17 +147,29 @@ def _prompts(rec, key: str, where: str) -> list[str]:
     return list(v)
 
 
-def parse_known(records: list) -> list[KnownFact]:
-    """Validate and convert known-facts records (see :func:`load_known`)."""
-    out = []
+def _unique(seen: dict, key: str, value, i: int, where: str) -> None:
+    if value in seen:
+        raise ValueError(f"{where}: duplicate {key} {value!r} (record {seen[value]} has it too)")
+    seen[value] = i
+
+
+def parse_known(records: list, source=None) -> list[KnownFact]:
+    """Validate and convert known-facts records (see :func:`load_known`); ``source`` (the file) prefixes every
+    message. Each prompt contains its subject, each template one ``{}``, and the ids are unique."""
+    out, seen = [], {}
     for i, rec in enumerate(records):
         kid = rec.get("known_id", "?") if isinstance(rec, dict) else "?"
-        where = f"known fact record {i} (known_id={kid})"
-        out.append(KnownFact(
+        where = f"{source}: " * (source is not None) + f"known fact record {i} (known_id={kid})"
+        fact = KnownFact(
             known_id=_get(rec, "known_id", int, where), subject=_get(rec, "subject", str, where),
             attribute=_get(rec, "attribute", str, where), template=_template(rec, "template", where),
             prediction=_get(rec, "prediction", str, where, nonempty=False),
-            prompt=_get(rec, "prompt", str, where), relation_id=_get(rec, "relation_id", str, where)))
+            prompt=_get(rec, "prompt", str, where), relation_id=_get(rec, "relation_id", str, where))
+        if fact.subject not in fact.prompt:
+            raise ValueError(f"{where}: field 'prompt' {fact.prompt!r} does not contain the subject "
+                             f"{fact.subject!r}")
+        _unique(seen, "known_id", fact.known_id, i, where)
+        out.append(fact)
     return out
 
 
@@ -138,14 +181,16 @@ def _target(rw, key: str, where: str) -> Target:
     return Target(_get(t, "str", str, where), _get(t, "id", int, where))
 
 
-def parse_counterfact(records: list) -> list[EditCase]:
-    """Validate and convert CounterFact records (see :func:`load_counterfact`)."""
-    out = []
+def parse_counterfact(records: list, source=None) -> list[EditCase]:
+    """Validate and convert CounterFact records (see :func:`load_counterfact`); ``source`` (the file) prefixes
+    every message. Each rewrite prompt has one ``{}`` and no other braces, and the ids are unique."""
+    out, seen = [], {}
     for i, rec in enumerate(records):
         cid = rec.get("case_id", "?") if isinstance(rec, dict) else "?"
-        where = f"counterfact record {i} (case_id={cid})"
+        where = f"{source}: " * (source is not None) + f"counterfact record {i} (case_id={cid})"
         rw = _get(rec, "requested_rewrite", dict, where)
         rwhere = f"{where}: requested_rewrite"
+        _unique(seen, "case_id", _get(rec, "case_id", int, where), i, where)
         out.append(EditCase(
             case_id=_get(rec, "case_id", int, where), prompt=_template(rw, "prompt", rwhere),
             relation_id=_get(rw, "relation_id", str, rwhere), subject=_get(rw, "subject", str, rwhere),
@@ -158,7 +203,7 @@ def parse_counterfact(records: list) -> list[EditCase]:
 
 
 def _check_json(tmp: str) -> None:
-    json.loads(Path(tmp).read_text(encoding="utf-8"))      # a JSON file, not an error page
+    _json(_decode(Path(tmp).read_bytes(), tmp), tmp)      # a JSON file, not an error page
 
 
 _DATA_ADVICE = ("Download the file where you have access, then pass its path, e.g. KNOWN='/path/known_1000.json' "
@@ -234,13 +279,15 @@ def source_path(source: str | Path | None, name: str, model=None) -> Path:
 def load_known(source: str | Path | None = None, model=None) -> list[KnownFact]:
     """Known facts in known_1000.json's schema: ``source`` as in the module docstring (default: the
     world's ``known_facts.json``)."""
-    return parse_known(_read(source_path(source, "known", model)))
+    path = source_path(source, "known", model)
+    return parse_known(_read(path), source=path)
 
 
 def load_counterfact(source: str | Path | None = None, model=None) -> list[EditCase]:
     """Editing cases in CounterFact's schema: ``source`` as in the module docstring (default: the
     world's ``counterfact.json``)."""
-    return parse_counterfact(_read(source_path(source, "counterfact", model)))
+    path = source_path(source, "counterfact", model)
+    return parse_counterfact(_read(path), source=path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,23 +322,29 @@ def _wikitext(n: int) -> list[str]:
 
 
 def _text_file(path: Path, n: int) -> list[str]:
-    """Texts of a .txt file (one per non-empty line) or a .jsonl file (a string, or an object with "text")."""
+    """Texts of a .txt file (one per non-empty line) or a .jsonl file (a string, or an object with "text"). UTF-8,
+    a byte-order mark accepted; a file that is not is a ValueError naming it (and the line, for bad JSON)."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            line = line.strip()
-            if not line:
-                continue
-            if path.suffix == ".jsonl":
-                rec = json.loads(line)
-                text = rec.get("text") if isinstance(rec, dict) else rec
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}: line {i + 1} is neither a string nor an object with a 'text' string")
-                line = text.strip()
-            if line:
-                out.append(line)
-                if len(out) >= n:
-                    break
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for i, line in enumerate(f):
+                line = line.strip()
+                if not line:
+                    continue
+                if path.suffix == ".jsonl":
+                    rec = _json(line, path, f": line {i + 1}")
+                    text = rec.get("text") if isinstance(rec, dict) else rec
+                    if not isinstance(text, str):
+                        raise ValueError(f"{path}: line {i + 1} is neither a string nor an object with a 'text' "
+                                         f"string")
+                    line = text.strip()
+                if line:
+                    out.append(line)
+                    if len(out) >= n:
+                        break
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a read block); save it as "
+                         f"UTF-8") from None
     if not out:
         raise ValueError(f"{path}: no texts in the file")
     return out
@@ -346,20 +399,71 @@ def layer_stats_name(model_name: str, layer_name: str, dataset: str = "wikipedia
     return f"{model_name.replace('/', '_')}/{dataset}_stats/{layer_name}_{precision}_mom2{size}.npz"
 
 
+def _stats_problem(path) -> str | None:
+    """Why ``path`` is not an .npz archive (a zip file), from its first bytes; None if it looks like one."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return None
+    text = head.lstrip().lower()
+    if text.startswith(b"<"):
+        kind = "an HTML page (e.g. a web server's error or login page saved in its place)"
+    elif head.startswith(b"\x93NUMPY"):
+        kind = "a single .npy array, not an .npz archive"
+    elif text.startswith((b"{", b"[")):
+        kind = "JSON text"
+    elif not head:
+        kind = "empty"
+    else:
+        kind = f"not a zip archive (it starts with {head[:16]!r})"
+    return (f"{path}: not a stats file (ROME's layer_stats .npz, a zip archive of mom2.mom2 and mom2.count): "
+            f"the file is {kind}")
+
+
+def _open_npz(path):
+    """``np.load(path)`` of an .npz archive; ValueError naming the file when it is none (an HTML page, a damaged
+    or partial download)."""
+    import zipfile
+
+    import numpy as np
+
+    problem = _stats_problem(path)
+    if problem:
+        raise ValueError(problem)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable stats file (a damaged or partial .npz download: {e})") from None
+
+
 def load_layer_stats(path: str | Path) -> "torch.Tensor":
     """C = E[k kᵀ] from a file in ROME's ``layer_stats`` format, in kvlab's convention: float64,
-    (d_ff, d_ff), on the CPU. The file holds ``mom2.mom2`` (Σ k kᵀ over ``mom2.count`` tokens)."""
+    (d_ff, d_ff), on the CPU. The file holds ``mom2.mom2`` (Σ k kᵀ over ``mom2.count`` tokens). A file that is not
+    one (an HTML error page, a damaged download, non-finite numbers) is a ValueError naming it."""
+    import zipfile
+
     import numpy as np
     import torch
 
-    with np.load(path, allow_pickle=False) as z:
+    z = _open_npz(path)
+    with z:
         missing = [k for k in ("mom2.mom2", "mom2.count") if k not in z.files]
         if missing:
             raise ValueError(f"{path}: not a ROME second-moment file (missing {missing}; has {z.files})")
-        mom2, count = z["mom2.mom2"], float(z["mom2.count"])
-    if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1] or count <= 0:
+        try:
+            mom2, count = z["mom2.mom2"], float(z["mom2.count"])
+        except (ValueError, TypeError, zipfile.BadZipFile, EOFError, OSError) as e:
+            raise ValueError(f"{path}: mom2.mom2 / mom2.count cannot be read as numbers ({e}); kvlab reads numeric "
+                             f"arrays only, never pickled objects") from None
+    if not np.issubdtype(mom2.dtype, np.number):
+        raise ValueError(f"{path}: mom2.mom2 holds {mom2.dtype} values, not numbers")
+    if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1] or not count > 0:
         raise ValueError(f"{path}: mom2.mom2 has shape {mom2.shape} and count {count}; expected a square "
                          f"matrix and a positive count")
+    if not math.isfinite(count) or not np.isfinite(mom2).all():
+        bad = int((~np.isfinite(mom2)).sum())
+        raise ValueError(f"{path}: mom2.count is {count} and mom2.mom2 has {bad} non-finite entries; expected "
+                         f"finite numbers")
     return torch.from_numpy(mom2.astype(np.float64) / count)
 
 
@@ -380,6 +484,5 @@ def fetch_layer_stats(model_name: str, layer_name: str, dataset: str = "wikipedi
 
 
 def _check_npz(tmp: str) -> None:
-    import numpy as np
-    with np.load(tmp, allow_pickle=False) as z:
-        z.files  # noqa: B018  (a readable npz, not an error page)
+    with _open_npz(tmp) as z:          # a readable zip archive, not an error page
+        z.files  # noqa: B018

@@ -78,8 +78,15 @@ def cpu_threads() -> int:
     """Threads for torch on CPU: ``$KVLAB_THREADS`` if set; 1 on machines with ≤ 2 cores (the course's
     models are small, and two threads on a shared 2-core CI box were measured 10-30× slower under
     load); else torch's default, capped at the core count."""
-    if os.environ.get("KVLAB_THREADS"):
-        return max(1, int(os.environ["KVLAB_THREADS"]))
+    value = os.environ.get("KVLAB_THREADS", "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ValueError(f"KVLAB_THREADS={os.environ['KVLAB_THREADS']!r} is not a whole number; set it to "
+                             f"the number of CPU threads for torch (e.g. 1 or {os.cpu_count() or 1}), or unset "
+                             f"it") from None
+        return max(1, threads)
     cores = os.cpu_count() or 1
     if cores <= 2 and not torch.cuda.is_available():
         return 1

@@ -383,3 +383,110 @@ def test_quick_profile_sizes_overrides_and_ungraded_claims(tmp_path, monkeypatch
         assert parameters.get("N") == (3 if kw.get("quick") else None)
     import os
     assert "KVLAB_CLAIMS_STRICT" not in os.environ      # restored after the run
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments are checked before the disk is touched; the course itself is never overwritten
+
+
+def test_parameter_values_papermill_cannot_pass_are_rejected(tmp_path):
+    """papermill writes a tuple, set, bytes or complex value (also nested) into the notebook as its str(): the
+    notebook would get "(2, 3)" while times.json records [2, 3]. Such a value is refused, naming the parameter."""
+    a = _params_nb(tmp_path, "01_a.ipynb", "MODEL = 'x'\nCOUNTS = [1, 2]\nOPTS = {}")
+    for value in [(2, 3), [1, (2, 3)], {1, 2}, b"x", 1j, [[1, {"a": (1,)}]], {"k": b"v"}, {1: "a"},
+                  float("inf"), [float("nan")]]:
+        with pytest.raises(SystemExit, match=r"parameter COUNTS = .*holds .*A notebook parameter is one of int, "
+                                             r"float \(finite\), str, bool, None"):
+            course.notebook_parameters([a], {"COUNTS": value})
+    ok = {"COUNTS": [1, [2, 3], None, True, 0.5], "OPTS": {"a": [1, {"b": "c"}], "d": None}, "MODEL": "m"}
+    assert course.notebook_parameters([a], ok)[a] == ok
+    with pytest.raises(SystemExit, match=r"parameter COUNTS = \[1, \(2, 3\)\].*tuple.*write a list"):
+        course.main(["run", "--no-html", "--out", str(tmp_path / "out"), "-p", "COUNTS", "[1, (2, 3)]"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_notebook_gets_exactly_the_recorded_parameters_and_index_names_its_model(tmp_path, run_env):
+    """What times.json records is what the kernel received, nested values too; index.html names the model the
+    notebooks got (-p MODEL), not --model."""
+    import json
+    src = tmp_path / "nbs"
+    show = "import json\nprint('GOT', json.dumps([MODEL, COUNTS, OPTS]))"
+    _tiny(src, "01_a.ipynb", show, params="MODEL = 'x'\nDEVICE = 'cpu'\nCOUNTS = [1]\nOPTS = {}")
+    extra = {"MODEL": "kvlab/world-variant", "COUNTS": [1, [2, 3], None, True, 0.25, "é\"\\"],
+             "OPTS": {"a": [1, {"b": "c d"}], "e": None}}
+    out = tmp_path / "out"
+    [r] = course.run(out_dir=out, progress=False, html_out=False, folder=src, extra=extra)
+    assert r.ok, r.error
+    text = "".join(o.get("text", "") for o in _code_outputs(out / "01_a.ipynb")[show])
+    got = json.loads(text.split("GOT ", 1)[1])
+    recorded = json.loads((out / "times.json").read_text())[0]["parameters"]
+    assert got == [recorded["MODEL"], recorded["COUNTS"], recorded["OPTS"]] \
+        == [extra["MODEL"], extra["COUNTS"], extra["OPTS"]]
+    page = (out / "index.html").read_text()
+    assert "on model <code>kvlab/world-variant</code>" in page
+
+
+def test_out_may_not_be_the_notebooks_folder(tmp_path, monkeypatch, run_env):
+    """An --out that is the folder of the notebooks would replace each notebook by its executed copy (solutions
+    in place of the stubs): refused before anything runs or is written."""
+    src = tmp_path / "nbs"
+    path = _tiny(src, "01_a.ipynb", "x = 1")
+    before = path.read_bytes()
+    (tmp_path / "link").symlink_to(src, target_is_directory=True)
+    for out in (src, src / ".", tmp_path / "link", tmp_path / "nbs" / ".." / "nbs"):
+        with pytest.raises(SystemExit, match=r"--out .* is the notebooks folder .*nbs.*would overwrite"):
+            course.run(out_dir=out, progress=False, html_out=False, folder=src)
+    with pytest.raises(SystemExit, match="holds the notebook 01_a.ipynb itself"):
+        course.run_notebook(path, src, {"MODEL": "m"}, progress=False)
+    assert path.read_bytes() == before and sorted(p.name for p in src.iterdir()) == ["01_a.ipynb"]
+
+    # the CLI with the course's own folder (nothing may run: run_notebook would overwrite a course notebook)
+    def must_not_run(*a, **kw):
+        raise AssertionError("run_notebook called: the course notebook would be overwritten")
+    monkeypatch.setattr(course, "run_notebook", must_not_run)
+    monkeypatch.chdir(course.REPO)
+    with pytest.raises(SystemExit, match=r"--out notebooks is the notebooks folder"):
+        course.main(["run", "--only", "01", "--out", "notebooks", "--no-html"])
+    assert not (course.NOTEBOOKS / "claims.jsonl").exists()
+
+
+def test_rejected_run_leaves_out_as_it_was(tmp_path, run_env):
+    """Arguments are checked before the disk is touched: a rejected -p leaves the last run's claims.jsonl and
+    creates no folder; a file as --out is a SystemExit with a message, not a FileExistsError."""
+    src = tmp_path / "nbs"
+    _tiny(src, "01_a.ipynb", "x = 1")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "claims.jsonl").write_text('{"key": "01.x"}\n')
+    for extra in ({"NOT_A_PARAM": 1}, {"MODEL": (1, 2)}):
+        with pytest.raises(SystemExit, match="unknown parameter|holds a tuple"):
+            course.run(out_dir=out, progress=False, html_out=False, folder=src, extra=extra)
+        assert (out / "claims.jsonl").read_text() == '{"key": "01.x"}\n'
+        with pytest.raises(SystemExit):
+            course.run(out_dir=tmp_path / "new", progress=False, html_out=False, folder=src, extra=extra)
+        assert not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit, match="no notebook matches"):
+        course.run(["07"], out_dir=tmp_path / "new", progress=False, html_out=False, folder=src)
+    assert not (tmp_path / "new").exists()
+    file = tmp_path / "a_file"
+    file.write_text("keep me")
+    for target in (file, file / "sub"):
+        with pytest.raises(SystemExit, match=r"--out .*a_file is a file, not a folder"):
+            course.run(out_dir=target, progress=False, html_out=False, folder=src)
+    assert file.read_text() == "keep me"
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        course.main(["run", "--only", "00", "--out", str(file)])
+
+
+def test_only_needs_a_full_notebook_number():
+    """"0" is a prefix of 00-09, not a notebook: it matches nothing (it used to run all ten); every item of --only
+    must name a notebook."""
+    names = [p.name for p in course.notebooks()]
+    with pytest.raises(SystemExit, match=r"no notebook matches '0' .*available: " + names[0]):
+        course.notebooks(["0"])
+    with pytest.raises(SystemExit, match=r"no notebook matches '99'"):
+        course.notebooks(["01", "99"])
+    first = course.notebooks()[1]
+    for spec in ("01", first.stem, first.name, f"notebooks/{first.name}", first.stem[:4]):
+        assert course.notebooks([spec]) == [first], spec
+    assert [p.name[:2] for p in course.notebooks(["05", "01"])] == ["01", "05"]

@@ -143,3 +143,98 @@ def test_real_known_1000_records_load_unchanged():
     assert [asdict(f) for f in facts] == raw
     assert all(f.subject in f.prompt for f in facts)
     assert facts[0].prompt != facts[0].template.format(facts[0].subject)   # the real file's quirk, kept
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda r: r["requested_rewrite"].update(prompt="{} and {} speak"), "has 2 '{}', needs exactly one"),
+    (lambda r: r["requested_rewrite"].update(prompt="{} plays {sport}"), "braces besides the one '{}'"),
+    (lambda r: r["requested_rewrite"].update(prompt="{} is {0}"), "braces besides the one '{}'"),
+    (lambda r: r.update(case_id=0), "duplicate case_id 0 (record 0 has it too)"),
+])
+def test_counterfact_records_that_would_fail_later(tmp_path, mutate, msg):
+    """A rewrite prompt that str.format cannot fill with the subject alone (IndexError/KeyError in rewrite_prompt)
+    and a duplicate id are refused at load time, naming the file, the record and the problem."""
+    bad = copy.deepcopy(CASE)
+    bad["case_id"] = 42
+    mutate(bad)
+    path = write(tmp_path, [CASE, bad])
+    with pytest.raises(ValueError, match="counterfact record 1") as e:
+        load_counterfact(path)
+    assert msg in str(e.value) and str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda r: r.update(prompt="Mount Vinson is located in the continent of"),
+     "does not contain the subject 'Vinson Massif'"),
+    (lambda r: r.update(template="{} is in {}"), "has 2 '{}'"),
+    (lambda r: r.update(known_id=0), "duplicate known_id 0 (record 0 has it too)"),
+])
+def test_known_records_that_would_fail_later(tmp_path, mutate, msg):
+    bad = copy.deepcopy(KNOWN)
+    bad["known_id"] = 7
+    mutate(bad)
+    path = write(tmp_path, [KNOWN, bad])
+    with pytest.raises(ValueError, match="known fact record 1") as e:
+        load_known(path)
+    assert msg in str(e.value) and str(path) in str(e.value)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    """Malformed JSON, a file that is not UTF-8, an HTML page or JSON nested too deeply: a ValueError naming the
+    file (not a bare JSONDecodeError / UnicodeDecodeError / RecursionError); a byte-order mark is accepted."""
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([KNOWN]).encode())
+    assert load_known(bom)[0].subject == "Vinson Massif"
+    cases = {"broken.json": (json.dumps([KNOWN])[:-5].encode(), r"not valid JSON: .* at line 1, column"),
+             "latin1.json": (json.dumps([{**KNOWN, "attribute": "Antártida"}], ensure_ascii=False).encode("latin-1"),
+                             r"not UTF-8 text \(byte \d+ is b'\\xe1'\)"),
+             "page.json": (b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>", "HTML page"),
+             "deep.json": (b"[" * 200_000 + b"]" * 200_000, "nested too deeply")}
+    for name, (data, msg) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        for load in (load_known, load_counterfact):
+            with pytest.raises(ValueError, match=msg) as e:
+                load(tmp_path / name)
+            assert str(e.value).startswith(str(tmp_path / name)), str(e.value)
+
+
+def test_corpus_jsonl_errors_name_the_file_and_line(tmp_path):
+    from kvlab.data import load_corpus
+    good = tmp_path / "texts.jsonl"
+    good.write_bytes(b"\xef\xbb\xbf" + b'{"text": "one"}\n"two"\n')
+    assert load_corpus(good) == ["one", "two"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"text": "two"\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: not valid JSON"):
+        load_corpus(bad)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Antártida\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.txt: not UTF-8 text"):
+        load_corpus(latin)
+
+
+def test_layer_stats_that_are_not_stats_files(tmp_path, monkeypatch):
+    """An HTML error page saved as the .npz is named as such (not numpy's advice to set allow_pickle), also
+    when it is what a download returned; non-finite numbers are refused."""
+    import numpy as np
+    from kvlab import data
+    page = tmp_path / "page.npz"
+    page.write_text("<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>")
+    with pytest.raises(ValueError, match=r"page\.npz: not a stats file .*HTML page") as e:
+        data.load_layer_stats(page)
+    assert "allow_pickle" not in str(e.value)
+    monkeypatch.setenv("KVLAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OSError, match="HTML page") as e:
+        data.fetch_layer_stats("gpt2", "transformer.h.0.mlp.c_proj", url=page.as_uri())
+    assert "allow_pickle" not in str(e.value) and not list((tmp_path / "cache").rglob("*.npz"))
+    truncated = tmp_path / "partial.npz"
+    np.savez(truncated, **{"mom2.mom2": np.eye(4, dtype=np.float32), "mom2.count": np.array(10)})
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"partial\.npz: not a readable stats file"):
+        data.load_layer_stats(truncated)
+    nan = tmp_path / "nan.npz"
+    m = np.eye(4, dtype=np.float32)
+    m[1, 2] = np.nan
+    np.savez(nan, **{"mom2.mom2": m, "mom2.count": np.array(10)})
+    with pytest.raises(ValueError, match=r"nan\.npz: .*1 non-finite entries"):
+        data.load_layer_stats(nan)

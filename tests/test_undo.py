@@ -117,3 +117,65 @@ def test_two_rome_edits_same_layer():
     e1.undo()
     assert same_weights(model, before)
     assert [current_answer(model, tok, p) for p in prompts] == old
+
+
+def _interrupt_copy_after(monkeypatch, params, calls: int, exc=KeyboardInterrupt):
+    """Make the ``calls``-th copy into one of ``params`` write, then raise ``exc`` (an interrupt that lands right
+    after a parameter was written); every other copy works."""
+    original = torch.Tensor.copy_
+    ids = {id(p) for p in params}
+    seen = []
+
+    def copy_(self, src, *a, **kw):
+        out = original(self, src, *a, **kw)
+        if id(self) in ids:
+            seen.append(1)
+            if len(seen) == calls:
+                raise exc("interrupted mid-way")
+        return out
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_undo_and_apply_are_all_or_nothing(gpt2, exc):
+    """An undo or apply interrupted between parameters (a 3-layer edit, like MEMIT's) puts back what it wrote:
+    the edit stays in its state with its weights whole, so undo/apply work afterwards."""
+    model, _, arch = gpt2
+    names = [_value_weight(arch, layer) for layer in range(3)]
+    before = snapshot(model)
+    with torch.no_grad(), recording(model, names, method="MEMIT-like") as edit:
+        for n in names:
+            model.get_parameter(n).add_(0.5)
+    edited = snapshot(model)
+    params = [model.get_parameter(n) for n in names]
+    for calls in (1, 2, 3):
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(exc, match="interrupted mid-way"):
+            _interrupt_copy_after(mp, params, calls, exc)
+            edit.undo()
+        assert same_weights(model, edited) and edit.applied, calls      # nothing half-restored
+    edit.undo()
+    assert same_weights(model, before) and not edit.applied
+    for calls in (1, 2, 3):
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(exc, match="interrupted mid-way"):
+            _interrupt_copy_after(mp, params, calls, exc)
+            edit.apply()
+        assert same_weights(model, before) and not edit.applied, calls
+    edit.apply()
+    assert same_weights(model, edited)
+    edit.undo()
+    assert same_weights(model, before)
+
+
+def test_undo_after_a_dtype_change_names_it(gpt2):
+    """After model.half() the weights differ from the edit's float32 copies because of the conversion, not
+    training: the message says so (from -> to), and nothing is written."""
+    model, _, arch = gpt2
+    name = _value_weight(arch, 1)
+    edit = _edit(model, name, lambda p: p.add_(1.0), "e")
+    model.half()
+    halved = snapshot(model)
+    with pytest.raises(EditStateError, match=rf"cannot undo e edit #\d+: {name} changed dtype from float32 to "
+                                             r"float16 .*model.half\(\).*Nothing was changed") as err:
+        edit.undo()
+    assert "training" not in str(err.value)
+    assert same_weights(model, halved) and edit.applied

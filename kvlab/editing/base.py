@@ -131,13 +131,19 @@ def as_record(record) -> dict:
 
 @torch.no_grad()
 def current_answer_ids(model, tok, text: str, n_tokens: int = 1) -> list[int]:
-    """Greedy continuation of ``text``: ``n_tokens`` token ids."""
+    """Greedy continuation of ``text``: ``n_tokens`` token ids (in eval mode; non-finite logits raise,
+    naming the non-finite parameter, rather than answer the argmax of NaNs)."""
+    from ..checks import finite_output
+    from ..tracing import eval_mode
+
     ids = encode(model, tok, text).input_ids  # (1, seq)
     out = []
-    for _ in range(n_tokens):
-        nxt = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()
-        out.append(int(nxt))
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    with torch.no_grad(), eval_mode(model):
+        for _ in range(n_tokens):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]   # (vocab,)
+            nxt = finite_output(model, logits, "current_answer", f"the logits after {text!r}").argmax()
+            out.append(int(nxt))
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
     return out
 
 
@@ -200,32 +206,58 @@ class WeightEdit:
         return self
 
     @torch.no_grad()
-    def _load(self, source: dict[str, torch.Tensor]) -> None:
-        for n, p in self.params.items():
-            p.copy_(source[n])
+    def _load(self, source: dict[str, torch.Tensor], previous: dict[str, torch.Tensor] | None = None) -> None:
+        """Write ``source`` into every parameter, all or nothing: if a write fails or is interrupted (an
+        exception, KeyboardInterrupt), every parameter written so far, the interrupted one included, gets
+        ``previous`` back (in a ``finally``) before the exception propagates. ``previous``: the state the
+        weights were verified to be in (None: no rollback)."""
+        started: list[str] = []
+        done = False
+        try:
+            for n, p in self.params.items():
+                started.append(n)                     # before the copy: an interrupted copy may have written part
+                p.copy_(source[n])
+            done = True
+        finally:
+            if not done and previous is not None:
+                for n in started:
+                    self.params[n].copy_(previous[n])
 
     def undo(self) -> "WeightEdit":
-        """Restore the original weights exactly. Safe to call twice."""
+        """Restore the original weights exactly. Safe to call twice. All or nothing: the weights are checked
+        before anything is written, and a write that fails or is interrupted (KeyboardInterrupt) puts back
+        the ones already written, so the edit stays applied with its weights intact."""
         if self.applied:
             if self.edited is not None:
                 self._expect(self.edited, "undo")
-            self._load(self.originals)
+            self._load(self.originals, previous=self.edited)
             self.applied = False
         return self
 
     def apply(self) -> "WeightEdit":
-        """Re-apply the edited weights. Safe to call twice."""
+        """Re-apply the edited weights. Safe to call twice. All or nothing, as :meth:`undo`."""
         if self.edited is None:
             raise ValueError("WeightEdit.apply: the edit was never committed")
         if not self.applied:
             self._expect(self.originals, "apply")
-            self._load(self.edited)
+            self._load(self.edited, previous=self.originals)
             self.applied = True
         return self
 
     def _expect(self, state: dict[str, torch.Tensor], action: str) -> None:
         """Raise EditStateError unless every parameter equals ``state`` bit-for-bit."""
-        changed = [n for n, p in self.params.items() if not _same_bits(p, state[n])]
+        what = "has changed since this edit" if action == "undo" else "is not the weight this edit was made from"
+        for n, p in self.params.items():       # a conversion (model.half(), .to(dtype)) changes every weight
+            if p.dtype != state[n].dtype or p.shape != state[n].shape:
+                change = (f"changed dtype from {str(state[n].dtype).replace('torch.', '')} to "
+                          f"{str(p.dtype).replace('torch.', '')}" if p.dtype != state[n].dtype else
+                          f"changed shape from {tuple(state[n].shape)} to {tuple(p.shape)}")
+                raise EditStateError(
+                    f"cannot {action} {self.name}: {n} {change} since this edit (e.g. model.half() or "
+                    f"model.to(dtype)); the edit's copies are {str(state[n].dtype).replace('torch.', '')} and "
+                    f"the conversion does not round-trip bit-for-bit: undo edits before converting the model, or "
+                    f"reload it. Nothing was changed.")
+        changed = [n for n, p in self.params.items() if not _same_bits(p, state[n].to(p.device))]
         if not changed:
             return
         others = sorted((e for e in _EDITS if e is not self and e.model is self.model
@@ -239,7 +271,6 @@ class WeightEdit:
                    f"(edits of the same weights are re-applied in the order they were made)")
         else:
             fix = "they were changed by something else (training, a direct write, or an edit no longer referenced)"
-        what = "has changed since this edit" if action == "undo" else "is not the weight this edit was made from"
         raise EditStateError(f"cannot {action} {self.name}: {changed[0]} {what}; {fix}. Nothing was changed.")
 
     @property
