@@ -288,7 +288,7 @@ def test_memit_checks_covariance_and_config(gpt2):
 def test_kn_edit_rejects_empty_and_repeated_neurons(gpt2):
     model, tok, arch = gpt2
     before = snapshot(model)
-    with pytest.raises(ValueError, match="kn_edit: no neurons given"):
+    with pytest.raises(ValueError, match="kn_edit: neurons is empty"):
         kn_edit(model, tok, REQ, neurons=[], check=False)
     with pytest.raises(ValueError, match=r"neuron\(s\) \[\(1, 3\)\] given more than once"):
         kn_edit(model, tok, REQ, neurons=[(1, 3), (0, 5), (1, 3)], check=False)
